@@ -1,0 +1,333 @@
+"""The stage graph: fingerprints, content-addressed outputs, cached skip, resume, selection.
+
+Contract (../shared/DESIGN.md §3):
+
+- fingerprint = sha256 of canonical JSON of (stage name, the stage's own config without fields
+  marked ``fingerprint=False``, upstream fingerprints, the stage's output format version);
+- outputs live under ``<root>/<run>/<stage>-<fingerprint[:12]>/``;
+- a stage whose ``_manifest.json`` exists and parses is complete and is skipped (cached); the
+  runner writes the manifest after the stage function returns, so a stage that raised leaves
+  none, and the next run calls it again in the same folder (the stage resumes from what it left);
+- downstream stages read their inputs from upstream manifests only (``ctx.inputs``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pipeline import __version__
+from pipeline.config import canonical_json, fingerprint_view, make_schema, to_dict
+from pipeline.storage import MANIFEST, Storage, is_local, join, normalize_root
+from pipeline.tracking import NullTracker, Tracker, TrackerSpec, resolve_mode, wandb_run_id
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the DAG.
+
+    ``run(ctx)`` does the work in ``ctx.uri`` and returns what goes into the manifest (JSON-able
+    dict: output URIs, counts, metrics). It must be resumable: called again after a crash in the
+    same folder, it reuses what was finalized there. Bump ``version`` when the output format
+    changes, so old outputs are not reused.
+    """
+
+    name: str
+    config: type
+    run: Callable[[StageContext], dict[str, Any] | None]
+    upstream: tuple[str, ...] = ()
+    version: int = 1
+    needs_ray: bool = True
+    help: str = ""
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets: its config section, folder, inputs, storage and tracker."""
+
+    name: str
+    fingerprint: str
+    uri: str
+    cfg: Any  # the stage's own config section
+    root_cfg: Any  # the whole resolved config
+    storage: Storage
+    inputs: dict[str, dict[str, Any]]  # upstream stage name → its manifest
+    tracker_spec: TrackerSpec | None = None
+    _tracker: Tracker | None = field(default=None, repr=False)
+
+    @property
+    def tracker(self) -> Tracker:
+        """The stage's tracker, opened on first use (driver side)."""
+        if self._tracker is None:
+            self._tracker = self.tracker_spec.create() if self.tracker_spec else NullTracker()
+        return self._tracker
+
+    def close(self) -> None:
+        if self._tracker is not None:
+            self._tracker.finish()
+            self._tracker = None
+
+
+@dataclass
+class PlannedStage:
+    stage: Stage
+    fingerprint: str
+    uri: str
+
+
+@dataclass
+class StageStatus:
+    name: str
+    state: str  # done | partial | pending
+    uri: str
+    fingerprint: str
+    finished_at: str | None = None
+    seconds: float | None = None
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, cause: BaseException) -> None:
+        self.stage = stage
+        self.cause = cause
+        super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {cause}")
+
+
+class SelectionError(ValueError):
+    """Bad --only/--from/--until/--force, or a selected stage whose upstream is not complete."""
+
+
+def fingerprint(name: str, section: Any, upstream: dict[str, str], version: int) -> str:
+    """sha256 hex of the stage's identity (see module docstring)."""
+    payload = {
+        "stage": name,
+        "config": fingerprint_view(section),
+        "upstream": dict(sorted(upstream.items())),
+        "version": version,
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Pipeline:
+    """An ordered set of stages with their upstream links."""
+
+    def __init__(self, stages: Iterable[Stage]) -> None:
+        self.stages: dict[str, Stage] = {}
+        for s in stages:
+            if s.name in self.stages:
+                raise ValueError(f"duplicate stage {s.name!r}")
+            for up in s.upstream:
+                if up not in self.stages:
+                    raise ValueError(f"stage {s.name!r}: upstream {up!r} must be listed before it")
+            self.stages[s.name] = s
+        self.order = list(self.stages)
+        self.schema = make_schema({name: s.config for name, s in self.stages.items()})
+
+    # -- planning ------------------------------------------------------------------------------
+
+    def run_uri(self, cfg: Any) -> str:
+        return join(normalize_root(cfg.storage.root), cfg.run)
+
+    def plan(self, cfg: Any) -> list[PlannedStage]:
+        """Fingerprint and output URI of every stage, in order."""
+        fps: dict[str, str] = {}
+        out = []
+        for name in self.order:
+            stage = self.stages[name]
+            fp = fingerprint(name, getattr(cfg, name), {u: fps[u] for u in stage.upstream},
+                             stage.version)
+            fps[name] = fp
+            out.append(PlannedStage(stage, fp, join(self.run_uri(cfg), f"{name}-{fp[:12]}")))
+        return out
+
+    def _check_names(self, names: Iterable[str], flag: str) -> None:
+        for n in names:
+            if n not in self.stages:
+                raise SelectionError(f"{flag}: unknown stage {n!r} (stages: {', '.join(self.order)})")
+
+    def ancestors(self, name: str) -> set[str]:
+        seen: set[str] = set()
+        todo = list(self.stages[name].upstream)
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo.extend(self.stages[n].upstream)
+        return seen
+
+    def descendants(self, name: str) -> set[str]:
+        return {n for n in self.order if name in self.ancestors(n)}
+
+    def select(self, only: Iterable[str] = (), from_: str | None = None,
+               until: str | None = None) -> list[str]:
+        """Stages to consider, in order.
+
+        ``only``: exactly those; ``from_``: that stage and everything downstream of it;
+        ``until``: that stage and everything upstream of it. ``from_`` and ``until`` combine
+        (intersection); ``only`` excludes both.
+        """
+        only = list(only)
+        self._check_names(only, "--only")
+        if from_:
+            self._check_names([from_], "--from")
+        if until:
+            self._check_names([until], "--until")
+        if only and (from_ or until):
+            raise SelectionError("--only cannot be combined with --from/--until")
+        chosen = set(self.order)
+        if only:
+            chosen = set(only)
+        if from_:
+            chosen &= {from_} | self.descendants(from_)
+        if until:
+            chosen &= {until} | self.ancestors(until)
+        if not chosen:
+            raise SelectionError(f"--from {from_} --until {until} selects no stage")
+        return [n for n in self.order if n in chosen]
+
+    # -- status --------------------------------------------------------------------------------
+
+    def status(self, cfg: Any, storage: Storage) -> list[StageStatus]:
+        rows = []
+        for p in self.plan(cfg):
+            manifest = storage.read_manifest(p.uri)
+            if manifest is not None:
+                rows.append(StageStatus(p.stage.name, "done", p.uri, p.fingerprint,
+                                        manifest.get("finished_at"), manifest.get("seconds")))
+            elif storage.walk_files(p.uri):
+                rows.append(StageStatus(p.stage.name, "partial", p.uri, p.fingerprint))
+            else:
+                rows.append(StageStatus(p.stage.name, "pending", p.uri, p.fingerprint))
+        return rows
+
+    # -- running -------------------------------------------------------------------------------
+
+    def tracker_spec(self, cfg: Any, planned: PlannedStage) -> TrackerSpec:
+        mode = resolve_mode(cfg.tracking.mode)
+        root = normalize_root(cfg.storage.root)
+        if cfg.tracking.dir:
+            wandb_dir = normalize_root(cfg.tracking.dir)
+        elif is_local(root):
+            wandb_dir = join(self.run_uri(cfg), "wandb")
+        else:  # W&B writes local files; an object-storage root cannot hold them
+            wandb_dir = normalize_root(join("./wandb-offline", cfg.run))
+        return TrackerSpec(
+            mode=mode,
+            project=cfg.tracking.project,
+            entity=cfg.tracking.entity,
+            dir=wandb_dir,
+            run_id=wandb_run_id(root, cfg.run, planned.stage.name, planned.fingerprint),
+            name=f"{cfg.run}/{planned.stage.name}",
+            group=cfg.run,
+            job_type=planned.stage.name,
+            config={"pipeline": to_dict(cfg), "stage": planned.stage.name,
+                    "fingerprint": planned.fingerprint},
+        )
+
+    def write_run_json(self, cfg: Any, storage: Storage, plan: list[PlannedStage]) -> str:
+        uri = join(self.run_uri(cfg), "run.json")
+        storage.write_json(uri, {
+            "run": cfg.run,
+            "package_version": __version__,
+            "written_at": _now(),
+            "config": to_dict(cfg),
+            "stages": {p.stage.name: {"fingerprint": p.fingerprint, "uri": p.uri,
+                                      "upstream": list(p.stage.upstream),
+                                      "version": p.stage.version} for p in plan},
+        })
+        return uri
+
+    def run(self, cfg: Any, storage: Storage | None = None, *, only: Iterable[str] = (),
+            from_: str | None = None, until: str | None = None, force: Iterable[str] = (),
+            on_ray: Callable[[Any], None] | None = None) -> dict[str, dict[str, Any]]:
+        """Run the selected stages; returns every selected stage's manifest.
+
+        Complete stages are skipped unless named in ``force`` (their folder is then removed
+        first). An upstream stage that is not selected must already be complete. ``on_ray`` is
+        called once with ``cfg`` before the first stage that needs Ray actually runs.
+        Raises StageFailed naming the stage when one raises; it leaves no manifest.
+        """
+        storage = storage or Storage.from_config(cfg.storage)
+        force = list(force)
+        self._check_names(force, "--force")
+        selected = self.select(only, from_, until)
+        plan = {p.stage.name: p for p in self.plan(cfg)}
+        self.write_run_json(cfg, storage, list(plan.values()))
+
+        manifests: dict[str, dict[str, Any]] = {}
+        ray_ready = False
+        for name in selected:
+            p = plan[name]
+            inputs: dict[str, dict[str, Any]] = {}
+            for up in p.stage.upstream:
+                m = manifests.get(up) or storage.read_manifest(plan[up].uri)
+                if m is None:
+                    raise SelectionError(
+                        f"stage {name!r} needs {up!r}, which is not complete at {plan[up].uri}; "
+                        f"run it first (drop --only/--from)")
+                inputs[up] = m
+            if name in force:
+                log.info("[%s] --force: removing %s", name, p.uri)
+                storage.rm(p.uri, recursive=True)
+            else:
+                cached = storage.read_manifest(p.uri)
+                if cached is not None:
+                    log.info("[%s] cached: %s", name, p.uri)
+                    manifests[name] = cached
+                    continue
+            if p.stage.needs_ray and not ray_ready and on_ray is not None:
+                on_ray(cfg)
+                ray_ready = True
+            manifests[name] = self._run_one(cfg, storage, p, inputs)
+        return manifests
+
+    def _run_one(self, cfg: Any, storage: Storage, p: PlannedStage,
+                 inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        name = p.stage.name
+        resumed = bool(storage.walk_files(p.uri))
+        log.info("[%s] %s: %s", name, "resuming" if resumed else "running", p.uri)
+        ctx = StageContext(name=name, fingerprint=p.fingerprint, uri=p.uri,
+                           cfg=getattr(cfg, name), root_cfg=cfg, storage=storage, inputs=inputs,
+                           tracker_spec=self.tracker_spec(cfg, p))
+        started, t0 = _now(), time.perf_counter()
+        try:
+            outputs = p.stage.run(ctx) or {}
+        except Exception as e:
+            log.error("[%s] failed after %.1fs; no manifest written, rerun to resume\n%s",
+                      name, time.perf_counter() - t0, traceback.format_exc())
+            raise StageFailed(name, e) from e
+        finally:
+            ctx.close()
+        seconds = round(time.perf_counter() - t0, 3)
+        manifest = {
+            "stage": name,
+            "fingerprint": p.fingerprint,
+            "version": p.stage.version,
+            "package_version": __version__,
+            "uri": p.uri,
+            "upstream": {u: inputs[u]["fingerprint"] for u in p.stage.upstream},
+            "config": to_dict(getattr(cfg, name)),
+            "started_at": started,
+            "finished_at": _now(),
+            "seconds": seconds,
+            "resumed": resumed,
+            "outputs": outputs,
+        }
+        storage.write_manifest(p.uri, manifest)
+        log.info("[%s] done in %.1fs", name, seconds)
+        return manifest
+
+
+__all__ = ["MANIFEST", "Pipeline", "PlannedStage", "SelectionError", "Stage", "StageContext",
+           "StageFailed", "StageStatus", "fingerprint"]
