@@ -1,3 +1,3 @@
-"""Taming Transformers as one distributed, resumable Ray pipeline (library; nothing heavy at import)."""
+"""Taming Transformers as one distributed, resumable Ray pipeline (nothing heavy at import)."""
 
 __version__ = "0.1.0"

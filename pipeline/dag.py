@@ -154,7 +154,8 @@ class Pipeline:
     def _check_names(self, names: Iterable[str], flag: str) -> None:
         for n in names:
             if n not in self.stages:
-                raise SelectionError(f"{flag}: unknown stage {n!r} (stages: {', '.join(self.order)})")
+                raise SelectionError(
+                    f"{flag}: unknown stage {n!r} (stages: {', '.join(self.order)})")
 
     def ancestors(self, name: str) -> set[str]:
         seen: set[str] = set()
@@ -301,15 +302,18 @@ class Pipeline:
                            cfg=getattr(cfg, name), root_cfg=cfg, storage=storage, inputs=inputs,
                            tracker_spec=self.tracker_spec(cfg, p))
         started, t0 = _now(), time.perf_counter()
+        tracker = ctx.tracker  # opened up front: every executed stage has its (resumable) run
         try:
             outputs = p.stage.run(ctx) or {}
         except Exception as e:
             log.error("[%s] failed after %.1fs; no manifest written, rerun to resume\n%s",
                       name, time.perf_counter() - t0, traceback.format_exc())
-            raise StageFailed(name, e) from e
-        finally:
+            tracker.summary({"state": "failed", "error": f"{type(e).__name__}: {e}"})
             ctx.close()
+            raise StageFailed(name, e) from e
         seconds = round(time.perf_counter() - t0, 3)
+        tracker.summary({"state": "done", "seconds": seconds, "resumed": resumed})
+        ctx.close()
         manifest = {
             "stage": name,
             "fingerprint": p.fingerprint,

@@ -32,6 +32,7 @@ import fsspec
 
 MANIFEST = "_manifest.json"
 _TMP_MARK = ".tmp-"
+_PIPE_MAX = 32 << 20  # remote objects up to this size are sent from memory in one PUT
 
 
 def protocol_of(uri: str) -> str:
@@ -192,14 +193,20 @@ class Storage:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
             return
-        # Remote: spool locally, then one upload. Small objects stay in memory.
-        with tempfile.SpooledTemporaryFile(max_size=32 << 20) as spool:
-            yield spool  # type: ignore[misc]
-            spool.seek(0)
-            if spool._rolled:  # type: ignore[attr-defined]  # on disk: stream the file
-                fs.put_file(spool.name, path)  # type: ignore[arg-type]
+        # Remote: write a local temporary file, then publish it with one upload (s3fs sends
+        # big files as a multipart upload, which also appears only once completed).
+        fd, tmp = tempfile.mkstemp(prefix="pipeline-upload-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                yield fh
+            if os.path.getsize(tmp) <= _PIPE_MAX:
+                with open(tmp, "rb") as fh:
+                    fs.pipe_file(path, fh.read())
             else:
-                fs.pipe_file(path, spool.read())
+                fs.put_file(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         with self.open_atomic(uri) as fh:
