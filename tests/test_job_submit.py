@@ -75,12 +75,16 @@ def test_ray_job_submit_runs_the_dag(ray_head, tmp_path):
                                 "**/__pycache__", "*.egg-info"]}
     config = tmp_path / "job.yaml"
     config.write_text("run: job\nalpha:\n  parts: 3\n")
-    submit = subprocess.run(
-        [RAY, "job", "submit", "--address", ray_head, "--submission-id", job_id, "--no-wait",
-         "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
-         "python", "-m", "tests.job_driver", "run", str(config), f"storage.root={root}",
-         "tracking.mode=disabled"],
-        capture_output=True, text=True, env=_env(), timeout=300)
+    cmd = [RAY, "job", "submit", "--address", ray_head, "--submission-id", job_id, "--no-wait",
+           "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
+           "python", "-m", "tests.job_driver", "run", str(config), f"storage.root={root}",
+           "tracking.mode=disabled"]
+    # The job server answers before the head's agent is ready ("No available agent"): retry.
+    for _ in range(60):
+        submit = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+        if submit.returncode == 0 or "No available agent" not in submit.stderr + submit.stdout:
+            break
+        time.sleep(2)
     assert submit.returncode == 0, submit.stdout + submit.stderr
 
     deadline, status = time.time() + 300, "PENDING"
