@@ -1,0 +1,69 @@
+"""The training knobs shared by both training stages (each stage embeds a ``TrainConfig``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.config import ConfigError, no_fingerprint
+
+PRECISIONS = ("fp32", "bf16")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Steps, batch, optimizer, schedule, DeepSpeed and Ray Train resources.
+
+    The global batch is ``micro_batch × grad_accum × num_workers``. Worker count, logging and
+    checkpoint cadence stay out of the fingerprint: changing them must not restart training.
+    ``steps`` is out of it too, so raising it continues the same run from its newest checkpoint.
+    """
+
+    steps: int = no_fingerprint(100)
+    micro_batch: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 0.0  # 0: off
+    precision: str = "fp32"
+    zero_stage: int = 0
+    num_workers: int = no_fingerprint(2)
+    use_gpu: bool = no_fingerprint(False)
+    cpus_per_worker: float = no_fingerprint(1.0)
+    checkpoint_every: int = no_fingerprint(50)
+    keep_checkpoints: int = no_fingerprint(2)
+    max_failures: int = no_fingerprint(1)
+    log_every: int = no_fingerprint(10)
+
+    def validate(self) -> None:
+        positive = ("steps", "micro_batch", "grad_accum", "num_workers", "checkpoint_every",
+                    "keep_checkpoints", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError("betas", f"must be two numbers in [0, 1), got {self.betas}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError("schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.warmup_steps < 0:
+            raise ConfigError("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        if self.max_failures < 0:
+            raise ConfigError("max_failures", f"must be >= 0, got {self.max_failures}")
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.num_workers
