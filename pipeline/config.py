@@ -168,7 +168,15 @@ def _validate(obj: Any, prefix: str = "") -> None:
                 raise e.under(f.name) from None
     check = getattr(obj, "validate", None)
     if callable(check):
-        check()
+        try:
+            check()
+        except ConfigError:
+            raise
+        except ValueError as e:  # model configs raise "key: message" ValueErrors (torch-only code)
+            key, sep, message = str(e).partition(": ")
+            if sep and re.fullmatch(r"[A-Za-z_][\w.]*", key):
+                raise ConfigError(key, message) from None
+            raise ConfigError("", str(e)) from None
 
 
 def load_config(path: str | None, overrides: list[str], schema: type) -> Any:

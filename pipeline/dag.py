@@ -302,17 +302,19 @@ class Pipeline:
                            cfg=getattr(cfg, name), root_cfg=cfg, storage=storage, inputs=inputs,
                            tracker_spec=self.tracker_spec(cfg, p))
         started, t0 = _now(), time.perf_counter()
-        tracker = ctx.tracker  # opened up front: every executed stage has its (resumable) run
+        # The driver opens the stage's tracker only after the stage function returned (or when
+        # the function uses ctx.tracker itself): a training stage logs from its rank-0 worker
+        # with the same run id, and two live writers of one W&B run would conflict.
         try:
             outputs = p.stage.run(ctx) or {}
         except Exception as e:
             log.error("[%s] failed after %.1fs; no manifest written, rerun to resume\n%s",
                       name, time.perf_counter() - t0, traceback.format_exc())
-            tracker.summary({"state": "failed", "error": f"{type(e).__name__}: {e}"})
+            ctx.tracker.summary({"state": "failed", "error": f"{type(e).__name__}: {e}"})
             ctx.close()
             raise StageFailed(name, e) from e
         seconds = round(time.perf_counter() - t0, 3)
-        tracker.summary({"state": "done", "seconds": seconds, "resumed": resumed})
+        ctx.tracker.summary({"state": "done", "seconds": seconds, "resumed": resumed})
         ctx.close()
         manifest = {
             "stage": name,
