@@ -47,6 +47,10 @@ class Stage:
     version: int = 1
     needs_ray: bool = True
     help: str = ""
+    # Optional: are these finished outputs still what the config asks for? (e.g. a training
+    # stage whose `steps` was raised, which is outside the fingerprint: not complete, so it runs
+    # again in the same folder and continues from its newest checkpoint.)
+    is_complete: Callable[[dict[str, Any], Any], bool] | None = None
 
 
 @dataclass
@@ -113,6 +117,12 @@ def fingerprint(name: str, section: Any, upstream: dict[str, str], version: int)
         "version": version,
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def outputs_digest(manifest: dict[str, Any]) -> str:
+    """Identity of a finished stage's outputs (changes when it finishes again differently)."""
+    payload = {"outputs": manifest.get("outputs"), "finished_at": manifest.get("finished_at")}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
 
 
 def _now() -> str:
@@ -284,14 +294,38 @@ class Pipeline:
             else:
                 cached = storage.read_manifest(p.uri)
                 if cached is not None:
-                    log.info("[%s] cached: %s", name, p.uri)
-                    manifests[name] = cached
-                    continue
+                    why = self.stale_reason(p.stage, cached, getattr(cfg, name), inputs)
+                    if why is None:
+                        log.info("[%s] cached: %s", name, p.uri)
+                        manifests[name] = cached
+                        continue
+                    log.info("[%s] %s", name, why)
+                    if why.startswith("upstream"):  # its partial outputs are stale too
+                        storage.rm(p.uri, recursive=True)
+                    else:  # continue in place: only the manifest goes
+                        storage.rm(join(p.uri, MANIFEST))
             if p.stage.needs_ray and not ray_ready and on_ray is not None:
                 on_ray(cfg)
                 ray_ready = True
             manifests[name] = self._run_one(cfg, storage, p, inputs)
         return manifests
+
+    @staticmethod
+    def stale_reason(stage: Stage, manifest: dict[str, Any], section: Any,
+                     inputs: dict[str, dict[str, Any]]) -> str | None:
+        """Why a finished stage must run again although its fingerprint matches, or None.
+
+        An upstream stage can finish again in its own folder with new outputs (a training stage
+        given more steps); downstream outputs made from the old ones are then stale.
+        """
+        recorded = manifest.get("upstream_outputs", {})
+        for up, m in inputs.items():
+            if up in recorded and recorded[up] != outputs_digest(m):
+                return f"upstream {up!r} changed since this stage finished: redoing it"
+        if stage.is_complete is not None and not stage.is_complete(manifest.get("outputs", {}),
+                                                                   section):
+            return "outputs do not meet the config any more (e.g. more steps): continuing"
+        return None
 
     def _run_one(self, cfg: Any, storage: Storage, p: PlannedStage,
                  inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -323,6 +357,7 @@ class Pipeline:
             "package_version": __version__,
             "uri": p.uri,
             "upstream": {u: inputs[u]["fingerprint"] for u in p.stage.upstream},
+            "upstream_outputs": {u: outputs_digest(inputs[u]) for u in p.stage.upstream},
             "config": to_dict(getattr(cfg, name)),
             "started_at": started,
             "finished_at": _now(),

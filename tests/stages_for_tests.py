@@ -26,6 +26,8 @@ class AlphaConfig:
     value: int = 1
     parts: int = 4
     fail_after: int = no_fingerprint(-1)  # test hook: raise after this many parts (-1: never)
+    # Like a training stage's `steps`: outside the fingerprint, raising it continues in place.
+    bonus: int = no_fingerprint(0)
 
     def validate(self) -> None:
         if self.parts < 1:
@@ -53,7 +55,7 @@ def _write_part(storage: Storage, uri: str, value: int, i: int) -> int:
 def run_alpha(ctx: StageContext) -> dict[str, Any]:
     CALLS["alpha"] += 1
     parts, reused = [], 0
-    for i in range(ctx.cfg.parts):
+    for i in range(ctx.cfg.parts + ctx.cfg.bonus):
         uri = join(ctx.uri, "parts", f"part-{i:03d}.txt")
         if ctx.storage.exists(uri):
             reused += 1
@@ -83,7 +85,11 @@ def run_gamma(ctx: StageContext) -> dict[str, Any]:
     return {ctx.cfg.label: total}
 
 
-ALPHA = Stage("alpha", AlphaConfig, run_alpha)
+def alpha_complete(outputs: dict[str, Any], cfg: AlphaConfig) -> bool:
+    return len(outputs["parts"]) >= cfg.parts + cfg.bonus
+
+
+ALPHA = Stage("alpha", AlphaConfig, run_alpha, is_complete=alpha_complete)
 BETA = Stage("beta", BetaConfig, run_beta, upstream=("alpha",), needs_ray=False)
 GAMMA = Stage("gamma", GammaConfig, run_gamma, upstream=("beta",), needs_ray=False)
 

@@ -86,6 +86,20 @@ def test_config_change_reruns_that_stage_and_downstream_only(ray_session, tmp_pa
     assert not CALLS
 
 
+def test_upstream_continued_in_place_reruns_downstream(ray_session, tmp_path):
+    pipe, cfg = _cfg(str(tmp_path), None)
+    before = pipe.run(cfg)
+    CALLS.clear()
+    pipe, more = _cfg(str(tmp_path), None, "alpha.bonus=2")  # like raising `steps`
+    after = pipe.run(more)
+    assert dict(CALLS) == {"alpha": 1, "beta": 1, "gamma": 1}
+    assert [after[n]["uri"] for n in after] == [before[n]["uri"] for n in before], "same folders"
+    assert after["alpha"]["outputs"]["reused"] == 4, "continued, not started over"
+    assert after["gamma"]["outputs"]["sum"] == sum(range(1, 7)) * 2
+    CALLS.clear()
+    assert pipe.run(more) == after and not CALLS
+
+
 def test_fingerprint_inputs():
     a = fingerprint("s", {"x": 1}, {"up": "f"}, 1)
     assert a == fingerprint("s", {"x": 1}, {"up": "f"}, 1)
