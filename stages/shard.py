@@ -1,0 +1,559 @@
+"""Stage ``shard``: source images → WebDataset tars, one Ray task per output shard.
+
+Layout of the stage folder::
+
+    train/shard-000000.tar …   samples {key}.{jpg|png|webp}, {key}.cls (labelled data), {key}.json
+    val/shard-000000.tar …
+    skipped.jsonl              one record per input that did not become a sample, sorted by key
+    _parts/train/shard-000000.json …  per-shard stats + skip records (written after the tar)
+    _parts/hashes.json         content hashes (dedup only), reused when the stage resumes
+
+Determinism: inputs are listed and keyed on the driver (keys come from source paths), then
+assigned to splits and shards by hashes of (seed, key) — independent of listing order and of
+the number of workers. Tar headers are fixed (:mod:`pipeline.data.wds`) and encoders are
+deterministic, so a run killed half-way and rerun ends with the same bytes as one clean run.
+
+Resume: a task whose tar already exists reuses it (and its sidecar, or rebuilds the sidecar by
+reading the tar back and re-checking the inputs missing from it); tars and sidecars are written
+with ``Storage.open_atomic``, so a killed task leaves no half shard.
+
+Test hook: ``PIPELINE_SHARD_FAIL_AFTER=N`` in the driver's environment makes the stage raise once
+N shards are finalized (an interrupted run, for the kill-and-resume tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import ConfigError, no_fingerprint
+from pipeline.dag import Stage, StageContext
+from pipeline.data import builtin, wds
+from pipeline.data.images import (
+    EXTS,
+    MISSING,
+    UNREADABLE,
+    ImageRejected,
+    ImageSpec,
+    finish,
+    process_image,
+)
+from pipeline.data.sources import (
+    LABEL_MODES,
+    NO_LABEL,
+    Item,
+    Listing,
+    content_hash,
+    list_source,
+    load_item,
+    source_kind,
+)
+from pipeline.storage import Storage, basename, is_local, is_temporary, join, normalize_root
+
+log = logging.getLogger("pipeline")
+
+SPLITS = ("train", "val")
+FAIL_AFTER_ENV = "PIPELINE_SHARD_FAIL_AFTER"
+PARTS = "_parts"
+SKIPPED = "skipped.jsonl"
+_HASH_CHUNK = 256  # inputs per dedup hashing task
+
+
+@dataclass
+class ShardConfig:
+    """Config section ``shard`` (see README, "The shard stage")."""
+
+    # A folder URI (local or s3://, recursive), a .csv/.jsonl/.parquet file list with a `path`
+    # and optional `label` column, or builtin:digits[:N] / builtin:photos[:N].
+    source: str = "builtin:digits"
+    # auto: builtin labels / a file list's label column / none for folders;
+    # folders: first-level subfolder names are the classes; none: unlabelled.
+    labels: str = "auto"
+    resolution: int = 256
+    ext: str = "jpg"  # jpg | png | webp
+    quality: int = 95  # jpg / webp
+    samples_per_shard: int = 1000  # inputs per shard (shards with skipped inputs hold fewer)
+    val_fraction: float = 0.05
+    # Inputs whose shorter side is below this are skipped (too_small); unset: resolution // 2.
+    min_size: int | None = None
+    # Inputs with more pixels are skipped before decoding (decompression_bomb).
+    max_pixels: int = 100_000_000
+    dedup: bool = False  # drop exact duplicates (same bytes); the smallest key is kept
+    jpeg_draft: bool = True  # decode JPEGs at a reduced scale still >= resolution (faster)
+    num_workers: int = no_fingerprint(0)  # max concurrent tasks; 0: the cluster's CPUs
+    progress: bool = no_fingerprint(True)
+
+    def validate(self) -> None:
+        if not self.source:
+            raise ConfigError("source", "must be set: a folder URI, a .csv/.jsonl/.parquet file "
+                                        "list, or builtin:digits / builtin:photos")
+        kind = source_kind(self.source)
+        if kind == "builtin":
+            try:
+                builtin.parse_builtin(self.source)
+            except ValueError as e:
+                raise ConfigError("source", str(e)) from None
+        if self.labels not in LABEL_MODES:
+            raise ConfigError("labels", f"must be one of {', '.join(LABEL_MODES)}, got "
+                                        f"{self.labels!r}")
+        if self.labels == "folders" and kind != "folder":
+            raise ConfigError("labels", f"'folders' needs a folder source, not a {kind} "
+                                        f"({self.source!r})")
+        if not 8 <= self.resolution <= 8192:
+            raise ConfigError("resolution", f"must be in [8, 8192], got {self.resolution}")
+        if self.ext not in EXTS:
+            raise ConfigError("ext", f"must be one of {', '.join(EXTS)}, got {self.ext!r}")
+        if not 1 <= self.quality <= 100:
+            raise ConfigError("quality", f"must be in [1, 100], got {self.quality}")
+        if self.samples_per_shard < 1:
+            raise ConfigError("samples_per_shard", f"must be >= 1, got {self.samples_per_shard}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        if self.min_size is not None and self.min_size < 1:
+            raise ConfigError("min_size", f"must be >= 1 (or unset), got {self.min_size}")
+        if self.max_pixels < 1:
+            raise ConfigError("max_pixels", f"must be >= 1, got {self.max_pixels}")
+        if self.num_workers < 0:
+            raise ConfigError("num_workers", f"must be >= 0 (0: all CPUs), got {self.num_workers}")
+
+    def image_spec(self) -> ImageSpec:
+        min_size = self.min_size if self.min_size is not None else max(1, self.resolution // 2)
+        return ImageSpec(resolution=self.resolution, ext=self.ext, quality=self.quality,
+                         min_size=min_size, max_pixels=self.max_pixels,
+                         jpeg_draft=self.jpeg_draft)
+
+
+# -- assignment (driver, pure) ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One output shard: where it goes and which inputs it holds, in order."""
+
+    split: str
+    index: int
+    uri: str
+    part_uri: str
+    items: tuple[Item, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}/shard-{self.index:06d}.tar"
+
+
+def _rank(seed: int, salt: str, key: str) -> int:
+    """A seeded pseudo-random rank for ``key``: stable, and independent of the other keys."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{salt}\0{key}".encode()).digest()[:8], "big")
+
+
+def val_count(n: int, val_fraction: float) -> int:
+    """How many of ``n`` inputs go to val: the rounded fraction, at least 1 when asked for any
+    (and n > 1), never all of them."""
+    if n < 2 or val_fraction <= 0:
+        return 0
+    return min(max(1, round(n * val_fraction)), n - 1)
+
+
+def assign(items: list[Item], seed: int, val_fraction: float,
+           samples_per_shard: int) -> dict[str, list[list[Item]]]:
+    """Split ``items`` into train/val and chunk each split into shards, deterministically.
+
+    Val gets the ``val_count`` inputs of lowest split-rank; each split is ordered by a second
+    rank (a seeded shuffle that does not depend on how the source was listed), then cut into
+    chunks of ``samples_per_shard``. Adding one input moves few others between splits.
+    """
+    by_split_rank = sorted(items, key=lambda it: (_rank(seed, "split", it.key), it.key))
+    val_keys = {it.key for it in by_split_rank[:val_count(len(items), val_fraction)]}
+    out: dict[str, list[list[Item]]] = {}
+    for split in SPLITS:
+        members = sorted((it for it in items if (it.key in val_keys) == (split == "val")),
+                         key=lambda it: (_rank(seed, "order", it.key), it.key))
+        out[split] = [members[i:i + samples_per_shard]
+                      for i in range(0, len(members), samples_per_shard)]
+    return out
+
+
+def plan_shards(stage_uri: str, assignment: dict[str, list[list[Item]]]) -> list[ShardSpec]:
+    specs = []
+    for split in SPLITS:
+        for index, chunk in enumerate(assignment[split]):
+            name = f"shard-{index:06d}"
+            specs.append(ShardSpec(split, index, join(stage_uri, split, f"{name}.tar"),
+                                   join(stage_uri, PARTS, split, f"{name}.json"), tuple(chunk)))
+    return specs
+
+
+def items_digest(items: tuple[Item, ...] | list[Item]) -> str:
+    """sha256 of what a shard (or a hash cache) was made from: keys, URIs and labels in order."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.key}\0{it.uri}\0{it.label}\n".encode())
+    return h.hexdigest()
+
+
+# -- dedup ------------------------------------------------------------------------------------
+#
+# Which copy of a duplicate survives changes what each shard holds, so duplicates must be known
+# before assignment: one content hash per input, before any shard task starts. Hashing on the
+# driver would read the whole source through one process; instead Ray tasks hash chunks of the
+# sorted input list in parallel. Every input is then read twice (hash pass, shard pass), but a
+# sha256 runs at ~1 GB/s, cheap next to decode + resize + encode, and the pass only exists with
+# dedup on. The hashes are cached in the stage folder, so a resumed run does not repeat it.
+
+
+def hash_items(items: list[Item], storage: Storage) -> list[str | None]:
+    """Ray task body: content hash of each input (None: unreadable; the shard pass says why)."""
+    return [content_hash(it, storage) for it in items]
+
+
+def find_duplicates(items: list[Item], hashes: dict[str, str | None]
+                    ) -> tuple[list[Item], list[dict[str, str]]]:
+    """Keep the smallest key of each group of identical inputs; returns (kept, duplicates)."""
+    first: dict[str, Item] = {}
+    kept, dups = [], []
+    for it in sorted(items, key=lambda i: i.key):
+        h = hashes.get(it.key)
+        if h is not None and h in first:
+            dups.append({"key": it.key, "source": it.uri, "duplicate_of": first[h].key,
+                         "sha256": h})
+            continue
+        if h is not None:
+            first[h] = it
+        kept.append(it)
+    return kept, dups
+
+
+def _content_hashes(ctx: StageContext, items: list[Item], workers: int) -> dict[str, str | None]:
+    import ray
+
+    cache_uri = join(ctx.uri, PARTS, "hashes.json")
+    digest = items_digest(items)
+    try:
+        cached = ctx.storage.read_json(cache_uri)
+        if cached.get("items_digest") == digest:
+            return cached["hashes"]
+    except (FileNotFoundError, ValueError, KeyError, AttributeError):
+        pass
+    task = ray.remote(num_cpus=1, max_retries=2)(hash_items)
+    chunks = [items[i:i + _HASH_CHUNK] for i in range(0, len(items), _HASH_CHUNK)]
+    results = run_bounded(task, [(chunk, ctx.storage) for chunk in chunks], workers)
+    hashes = {it.key: h for i, chunk in enumerate(chunks) for it, h in zip(chunk, results[i])}
+    ctx.storage.write_json(cache_uri, {"items_digest": digest, "hashes": hashes})
+    return hashes
+
+
+# -- one shard (Ray task) ---------------------------------------------------------------------
+
+
+def make_sample(item: Item, storage: Storage, spec: ImageSpec
+                ) -> tuple[dict[str, Any] | None, tuple[str, str] | None]:
+    """One input → (WebDataset sample, None) or (None, (reason, detail)) when it is skipped."""
+    try:
+        raw = load_item(item, storage)
+    except FileNotFoundError:
+        return None, (MISSING, "the source file does not exist")
+    except (IsADirectoryError, PermissionError) as e:
+        return None, (UNREADABLE, type(e).__name__)
+    try:
+        if isinstance(raw, bytes):
+            p = process_image(raw, spec)
+            data, width, height = p.data, p.width, p.height
+        else:  # builtin items are trusted images, not files: no size checks
+            data, (width, height) = finish(raw, spec), raw.size
+    except ImageRejected as r:
+        return None, (r.reason, r.detail)
+    meta = {"source": item.uri, "width": width, "height": height}
+    sample: dict[str, Any] = {"__key__": item.key, spec.ext: data,
+                              "json": json.dumps(meta, sort_keys=True).encode()}
+    if item.label != NO_LABEL:
+        sample["cls"] = str(item.label).encode()
+    return sample, None
+
+
+def _skip_record(shard: ShardSpec, item: Item, reason: str, detail: str) -> dict[str, Any]:
+    return {"key": item.key, "source": item.uri, "reason": reason, "detail": detail,
+            "split": shard.split, "shard": shard.name}
+
+
+def _reuse_finalized(shard: ShardSpec, spec: ImageSpec, storage: Storage
+                     ) -> dict[str, Any] | None:
+    """Stats of an already finalized shard, or None when it must be written again.
+
+    The sidecar is trusted when it describes these inputs and the tar's size. Without one (the
+    task died between the tar and its sidecar) the tar is read back; the inputs it lacks are
+    checked again — each must still be rejected, for the same deterministic reason — and the
+    sidecar is rebuilt. A tar from other inputs (the source changed) is rewritten.
+    """
+    digest = items_digest(shard.items)
+    try:
+        side = storage.read_json(shard.part_uri)
+        if side.get("items_digest") == digest and side.get("bytes") == storage.size(shard.uri):
+            return side
+    except (FileNotFoundError, ValueError, AttributeError):
+        pass
+    try:
+        size, sha, keys = wds.digest(storage, shard.uri)
+    except Exception as e:  # unreadable tar: write it again
+        log.warning("shard %s: cannot read back %s (%s); rewriting", shard.name, shard.uri, e)
+        return None
+    present = set(keys)
+    if keys != [it.key for it in shard.items if it.key in present]:
+        return None
+    skipped = []
+    for it in shard.items:
+        if it.key in present:
+            continue
+        sample, why = make_sample(it, storage, spec)
+        if why is None:
+            return None
+        skipped.append(_skip_record(shard, it, *why))
+    stats = _stats(shard, digest, len(keys), size, sha, skipped)
+    storage.write_json(shard.part_uri, stats)
+    return stats
+
+
+def _stats(shard: ShardSpec, digest: str, samples: int, size: int, sha: str,
+           skipped: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"split": shard.split, "index": shard.index, "name": shard.name, "uri": shard.uri,
+            "samples": samples, "bytes": size, "sha256": sha, "items_digest": digest,
+            "skipped": skipped}
+
+
+def write_shard(shard: ShardSpec, spec: ImageSpec, storage: Storage) -> dict[str, Any]:
+    """Ray task body: write one shard (or reuse it if finalized); returns its stats.
+
+    Stats: split, index, name, uri, samples, bytes, sha256, items_digest, skipped (records),
+    plus ``cached`` (reused) and ``seconds`` (time spent here).
+    """
+    t0 = time.perf_counter()
+    if storage.exists(shard.uri):
+        stats = _reuse_finalized(shard, spec, storage)
+        if stats is not None:
+            return {**stats, "cached": True, "seconds": time.perf_counter() - t0}
+    skipped: list[dict[str, Any]] = []
+    samples = 0
+    with storage.open_atomic(shard.uri) as fh, wds.shard_writer(fh) as (tar, sink):
+        for item in shard.items:
+            sample, why = make_sample(item, storage, spec)
+            if why is not None:
+                skipped.append(_skip_record(shard, item, *why))
+                continue
+            tar.write(sample)
+            samples += 1
+    # The sidecar is written after the tar is final: a tar without one is handled on resume.
+    stats = _stats(shard, items_digest(shard.items), samples, sink.bytes, sink.sha256, skipped)
+    storage.write_json(shard.part_uri, stats)
+    return {**stats, "cached": False, "seconds": time.perf_counter() - t0}
+
+
+# -- driver -----------------------------------------------------------------------------------
+
+
+def _fail_after() -> int | None:
+    value = os.environ.get(FAIL_AFTER_ENV)
+    return int(value) if value else None
+
+
+def _worker_count(cfg: ShardConfig) -> int:
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if cpus < 1:
+        raise RuntimeError("the Ray cluster has no CPU available; shard tasks need 1 CPU each "
+                           "(start workers, or set ray.num_cpus for an embedded Ray)")
+    return cfg.num_workers or cpus
+
+
+def run_bounded(task: Any, calls: list[tuple[Any, ...]], workers: int,
+                on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
+    """Run ``task.remote(*call)`` for every call, at most ``workers`` in flight; results in call
+    order. ``on_result(i, result)`` runs on the driver as each one arrives; if it (or a task)
+    raises, the calls still in flight are cancelled before the error propagates.
+    """
+    import ray
+
+    results: dict[int, Any] = {}
+    pending: dict[Any, int] = {}
+    todo = list(range(len(calls)))
+    todo.reverse()  # pop() from the end = submit in call order
+    try:
+        while todo or pending:
+            while todo and len(pending) < workers:
+                i = todo.pop()
+                pending[task.remote(*calls[i])] = i
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                i = pending.pop(ref)
+                results[i] = ray.get(ref)
+                if on_result is not None:
+                    on_result(i, results[i])
+    finally:
+        for ref in pending:  # interrupted: no task keeps writing behind our back
+            ray.cancel(ref)
+    return [results[i] for i in range(len(calls))]
+
+
+def _run_shard_tasks(ctx: StageContext, specs: list[ShardSpec], spec: ImageSpec,
+                     workers: int) -> list[dict[str, Any]]:
+    """One task per shard, at most ``workers`` at a time, with a progress bar; results in spec
+    order."""
+    import ray
+    from tqdm.auto import tqdm
+
+    task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+    fail_after = _fail_after()
+    done = {"shards": 0, "samples": 0}
+    bar = tqdm(total=len(specs), desc="shard: shards done", unit="shard",
+               disable=not ctx.cfg.progress, dynamic_ncols=True)
+
+    def on_result(i: int, result: dict[str, Any]) -> None:
+        done["shards"] += 1
+        done["samples"] += result["samples"]
+        bar.update(1)
+        ctx.tracker.log({"shard/shards_done": done["shards"],
+                         "shard/samples_done": done["samples"]}, step=done["shards"])
+        if fail_after is not None and done["shards"] >= fail_after \
+                and done["shards"] < len(specs):
+            raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: stopping after "
+                               f"{done['shards']} finalized shards (test hook)")
+
+    try:
+        return run_bounded(task, [(s, spec, ctx.storage) for s in specs], workers, on_result)
+    finally:
+        bar.close()
+
+
+def _warm_up(source: str) -> None:
+    """Ray task: import and load what shard tasks need while the driver lists the source.
+
+    A fresh worker spends seconds importing webdataset (which imports torch) and, for builtin
+    sources, scikit-learn / scikit-image; doing it now overlaps that with the listing.
+    """
+    import webdataset  # noqa: F401
+
+    if source_kind(source) == "builtin":
+        builtin.preload(source)
+
+
+def _remove_strays(storage: Storage, stage_uri: str, keep: set[str]) -> int:
+    """Delete unfinished temporaries and shards/sidecars not in this plan (from a changed
+    source) below train/, val/ and _parts/, so the folder holds exactly what the manifest lists.
+    """
+    removed = 0
+    for sub in (*SPLITS, *(f"{PARTS}/{s}" for s in SPLITS)):
+        fs, path = storage.fs(join(stage_uri, sub))
+        try:
+            found = fs.find(path)
+        except FileNotFoundError:
+            continue
+        base = path.rstrip("/")
+        for p in found:
+            uri = join(stage_uri, sub, p[len(base):].lstrip("/"))
+            if is_temporary(basename(p)) or uri not in keep:
+                fs.rm(p)
+                removed += 1
+    return removed
+
+
+def _absolute(source: str) -> str:
+    """Local sources as absolute paths: Ray workers run in other folders."""
+    if source.startswith("builtin:") or not is_local(source):
+        return source
+    return normalize_root(source)
+
+
+def _no_input_error(source: str, listing: Listing) -> ValueError:
+    extra = f" ({listing.ignored_files} non-image files ignored)" if listing.ignored_files else ""
+    extra += f" ({len(listing.rejected)} entries rejected)" if listing.rejected else ""
+    return ValueError(f"shard.source {source!r} holds no image to shard{extra}")
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg: ShardConfig = ctx.cfg
+    storage = ctx.storage
+    seed = int(ctx.root_cfg.seed)
+    source = _absolute(cfg.source)
+    spec = cfg.image_spec()
+
+    workers = _worker_count(cfg)
+    import ray
+
+    warming = [ray.remote(num_cpus=1)(_warm_up).remote(source) for _ in range(workers)]
+    listing = list_source(source, storage, cfg.labels, seed)
+    if not listing.items:
+        raise _no_input_error(cfg.source, listing)
+    items, duplicates = listing.items, []
+    if cfg.dedup:
+        items, duplicates = find_duplicates(items, _content_hashes(ctx, items, workers))
+    specs = plan_shards(ctx.uri, assign(items, seed, cfg.val_fraction, cfg.samples_per_shard))
+    log.info("[shard] %d inputs (%d duplicates dropped, %d rejected at listing) → %d shards, "
+             "%d workers", len(items), len(duplicates), len(listing.rejected), len(specs),
+             workers)
+
+    t0 = time.perf_counter()
+    results = _run_shard_tasks(ctx, specs, spec, workers)
+    seconds = time.perf_counter() - t0
+    ray.get(warming)  # long done; surfaces an import error a shard task would also have hit
+
+    skipped = list(listing.rejected) + [r for res in results for r in res["skipped"]]
+    skipped.sort(key=lambda r: (r["key"], r["source"], r["reason"]))
+    storage.write_text(join(ctx.uri, SKIPPED),
+                       "".join(json.dumps(r, sort_keys=True) + "\n" for r in skipped))
+    total = sum(r["samples"] for r in results)
+    if total == 0:
+        raise ValueError(f"shard.source {cfg.source!r}: none of {len(items)} inputs is a valid "
+                         f"image; reasons in {join(ctx.uri, SKIPPED)}")
+    keep = {r["uri"] for r in results} | {s.part_uri for s in specs}
+    _remove_strays(storage, ctx.uri, keep)
+
+    fresh = [r for r in results if not r["cached"]]
+    written = sum(r["samples"] for r in fresh)
+    images_per_s = round(written / seconds, 2) if fresh and seconds > 0 else None
+    splits = {s: {"shards": sum(1 for r in results if r["split"] == s),
+                  "samples": sum(r["samples"] for r in results if r["split"] == s),
+                  "bytes": sum(r["bytes"] for r in results if r["split"] == s)} for s in SPLITS}
+    outputs = {
+        "source": cfg.source,
+        "resolution": cfg.resolution,
+        "ext": cfg.ext,
+        "seed": seed,
+        "classes": listing.classes,
+        "num_classes": len(listing.classes),
+        "shards": [{k: r[k] for k in ("split", "name", "uri", "samples", "bytes", "sha256")}
+                   for r in results],
+        "splits": splits,
+        "totals": {"inputs": len(listing.items) + len(listing.rejected), "samples": total,
+                   "skipped": len(skipped), "duplicates": len(duplicates),
+                   "ignored_files": listing.ignored_files,
+                   "bytes": sum(r["bytes"] for r in results)},
+        "skipped": dict(sorted(Counter(r["reason"] for r in skipped).items())),
+        "skipped_uri": join(ctx.uri, SKIPPED),
+        "duplicates": duplicates,
+        "shards_reused": len(results) - len(fresh),
+        "images_per_s": images_per_s,
+        "seconds": round(seconds, 3),
+    }
+    ctx.tracker.summary({"shard/samples": total, "shard/train_samples": splits["train"]["samples"],
+                         "shard/val_samples": splits["val"]["samples"],
+                         "shard/skipped": len(skipped), "shard/duplicates": len(duplicates),
+                         "shard/images_per_s": images_per_s})
+    log.info("[shard] %d samples (train %d, val %d), %d skipped %s, %s images/s", total,
+             splits["train"]["samples"], splits["val"]["samples"], len(skipped),
+             outputs["skipped"], images_per_s)
+    return outputs
+
+
+STAGE = Stage(
+    name="shard",
+    config=ShardConfig,
+    run=run,
+    version=1,
+    help="source images → WebDataset train/val tar shards (Ray tasks)",
+)
