@@ -3,7 +3,8 @@
 Contract (../shared/DESIGN.md §3):
 
 - fingerprint = sha256 of canonical JSON of (stage name, the stage's own config without fields
-  marked ``fingerprint=False``, upstream fingerprints, the stage's output format version);
+  marked ``fingerprint=False``, upstream fingerprints, the stage's output format version, the
+  run's global seed);
 - outputs live under ``<root>/<run>/<stage>-<fingerprint[:12]>/``;
 - a stage whose ``_manifest.json`` exists and parses is complete and is skipped (cached); the
   runner writes the manifest after the stage function returns, so a stage that raised leaves
@@ -108,13 +109,16 @@ class SelectionError(ValueError):
     """Bad --only/--from/--until/--force, or a selected stage whose upstream is not complete."""
 
 
-def fingerprint(name: str, section: Any, upstream: dict[str, str], version: int) -> str:
-    """sha256 hex of the stage's identity (see module docstring)."""
+def fingerprint(name: str, section: Any, upstream: dict[str, str], version: int,
+                seed: int = 0) -> str:
+    """sha256 hex of the stage's identity (see module docstring). The run's global ``seed`` is
+    part of it: every stage draws its randomness from it."""
     payload = {
         "stage": name,
         "config": fingerprint_view(section),
         "upstream": dict(sorted(upstream.items())),
         "version": version,
+        "seed": seed,
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
@@ -156,7 +160,7 @@ class Pipeline:
         for name in self.order:
             stage = self.stages[name]
             fp = fingerprint(name, getattr(cfg, name), {u: fps[u] for u in stage.upstream},
-                             stage.version)
+                             stage.version, cfg.seed)
             fps[name] = fp
             out.append(PlannedStage(stage, fp, join(self.run_uri(cfg), f"{name}-{fp[:12]}")))
         return out

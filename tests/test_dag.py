@@ -106,7 +106,8 @@ def test_fingerprint_inputs():
     assert len({a, fingerprint("s", {"x": 2}, {"up": "f"}, 1),
                 fingerprint("s", {"x": 1}, {"up": "g"}, 1),
                 fingerprint("s", {"x": 1}, {"up": "f"}, 2),
-                fingerprint("t", {"x": 1}, {"up": "f"}, 1)}) == 5
+                fingerprint("t", {"x": 1}, {"up": "f"}, 1),
+                fingerprint("s", {"x": 1}, {"up": "f"}, 1, seed=1)}) == 6
 
 
 def test_selection_flags(ray_session, tmp_path):
