@@ -39,11 +39,15 @@ def _env() -> dict[str, str]:
 def ray_head():
     """A real Ray head with a dashboard (job server) on 127.0.0.1; yields its job address."""
     temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: socket paths are capped
-    port, dash = free_port(), free_port()
+    # Every port explicit: the test session's own Ray already holds the defaults (e.g. the
+    # dashboard agent's 52365), and a head whose agent cannot bind accepts no jobs.
+    port, dash, agent, agent_grpc, env_agent, metrics = (free_port() for _ in range(6))
     with open(os.path.join(temp_dir, "head.log"), "wb") as log:
         proc = subprocess.Popen(
             [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+             f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
              "--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
             stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
     try:
@@ -80,9 +84,11 @@ def test_ray_job_submit_runs_the_dag(ray_head, tmp_path):
            "python", "-m", "tests.job_driver", "run", str(config), f"storage.root={root}",
            "tracking.mode=disabled"]
     # The job server answers before the head's agent is ready ("No available agent"): retry.
-    for _ in range(60):
-        submit = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
-        if submit.returncode == 0 or "No available agent" not in submit.stderr + submit.stdout:
+    deadline = time.time() + 180
+    while True:
+        submit = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120)
+        if submit.returncode == 0 or "No available agent" not in submit.stderr + submit.stdout \
+                or time.time() > deadline:
             break
         time.sleep(2)
     assert submit.returncode == 0, submit.stdout + submit.stderr
