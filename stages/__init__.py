@@ -2,5 +2,6 @@
 
 from pipeline.dag import Stage
 from stages.shard import STAGE as SHARD
+from stages.train_vqgan import STAGE as TRAIN_VQGAN
 
-STAGES: list[Stage] = [SHARD]
+STAGES: list[Stage] = [SHARD, TRAIN_VQGAN]

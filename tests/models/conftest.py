@@ -1,0 +1,35 @@
+"""Shared tiny configs for the model tests (fast on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.models import VQGANConfig
+
+
+def tiny_config(**overrides) -> VQGANConfig:
+    """32 px, f4 (8x8 code grid), attention at 8x8, 64 codes."""
+    base = dict(
+        ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], z_channels=32,
+        embed_dim=16, n_embed=64, resolution=32,
+    )
+    base.update(overrides)
+    return VQGANConfig(**base)
+
+
+# The reference's ImageNet f16 config (configs/imagenet_vqgan.yaml: model.params.ddconfig).
+F16_DDCONFIG = dict(
+    double_z=False, z_channels=256, resolution=256, in_channels=3, out_ch=3, ch=128,
+    ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], dropout=0.0,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def images():
+    return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
