@@ -177,7 +177,7 @@ def save_grid(model: Any, x: Any, storage: Storage, uri: str, step: int, tracker
         recon = model(x.to(next(model.parameters()).dtype)).recon.float()
     model.train(was_training)
     image = pairs_grid(x, recon, cols=4)
-    image = upscale(image, max(1, 256 // image.shape[0]))
+    image = upscale(image, max(1, 64 // x.shape[-1]))  # cells of >= 64 px to look at
     out = join(uri, "images", f"recon-{step:08d}.png")
     storage.write_bytes(out, png_bytes(image))
     tracker.log_images({"recon": image}, step=step)

@@ -168,3 +168,33 @@ def eval_batches(storage: Storage, shards: list[str], batch_size: int, size: int
                 images, labels = [], []
     if images:
         yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+def code_batches(storage: Storage, spec: StreamSpec, batch_size: int, length: int,
+                 position: Position | None = None, flip: bool = True,
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Position]]:
+    """Endless ``(codes [B, length] long, labels [B] (-1: unlabelled), position)`` batches from
+    tokenize's code shards (``{key}.codes.npy``, optional ``{key}.flip.npy``, ``{key}.cls``).
+
+    With ``flip`` and a stored flipped grid, each sample uses one of the two grids at random
+    (seeded by its place in the stream, so a resumed stream is identical).
+    """
+    from pipeline.data.codes import CODES, FLIP, LABEL, parse_npy
+
+    codes, labels = [], []
+    for sample, pos in stream(storage, spec, position):
+        grid = parse_npy(sample[CODES])
+        if flip and FLIP in sample:
+            rng = np.random.default_rng([spec.seed, spec.rank, pos["epoch"], pos["index"], 7])
+            if rng.random() < 0.5:
+                grid = parse_npy(sample[FLIP])
+        flat = torch.from_numpy(grid.astype(np.int64).reshape(-1))
+        if flat.numel() != length:
+            raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has "
+                             f"{flat.numel()} codes, expected {length}")
+        codes.append(flat)
+        raw = sample.get(LABEL)
+        labels.append(int(raw.decode() if isinstance(raw, bytes) else raw) if raw else -1)
+        if len(codes) == batch_size:
+            yield torch.stack(codes), torch.tensor(labels, dtype=torch.long), pos
+            codes, labels = [], []

@@ -9,11 +9,11 @@ Generator objective (reference semantics, ``disc_factor`` 0 before ``disc_start`
 
 The reference obtains the two norms with ``autograd.grad`` through LPIPS's VGG and through D, then
 its full backward traverses both again. Here (DESIGN §6b) W is the conv producing x̂ = conv(h, W),
-so ∇_W L = conv2d_weight(h, g) with g = ∂L/∂x̂: :func:`generator_loss` backpropagates L_rec and L_GAN
-to x̂ only (one pass through LPIPS, one through D), forms λ from ``h`` and those two gradients, and
-returns a surrogate scalar whose gradient w.r.t. x̂ is g_rec + λ·disc_factor·g_gan. One
-``backward`` of the surrogate (plain or ``deepspeed_engine.backward``) then runs the generator's
-backward once, exactly as the straightforward ``L_G.backward()`` would.
+so ∇_W L = conv2d_weight(h, g) with g = ∂L/∂x̂: ``VQGANLoss.generator_loss`` backpropagates L_rec
+and L_GAN to x̂ only (one pass through LPIPS, one through D), forms λ from ``h`` and those two
+gradients, and returns a surrogate scalar whose gradient w.r.t. x̂ is g_rec + λ·disc_factor·g_gan.
+One ``backward`` of the surrogate (plain or ``deepspeed_engine.backward``) then runs the
+generator's backward once, exactly as the straightforward ``L_G.backward()`` would.
 
 Discriminator objective: ``disc_factor * hinge(D(x), D(sg(x̂)))`` on the generator step's
 reconstruction (no second autoencoder or LPIPS forward); skipped entirely before ``disc_start``.

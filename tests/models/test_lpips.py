@@ -14,6 +14,8 @@ import torch
 from pipeline.models import LPIPS
 from pipeline.models.lpips import convert_reference_lpips_state_dict, normalize_tensor
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 # torchvision vgg16().features: conv layers at these indices (ReLU after each, pools at 4, 9,
 # 16, 23, 30), with these output widths; classifier: Linear 25088->4096->4096->1000 at 0, 3, 6.
 TV_CONVS = {0: (3, 64), 2: (64, 64), 5: (64, 128), 7: (128, 128), 10: (128, 256),

@@ -16,6 +16,8 @@ from pipeline.models.quantize import (
     nearest_code,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def make(codebook: torch.Tensor, **cfg) -> VectorQuantizer:
     k, d = codebook.shape

@@ -13,6 +13,8 @@ from pipeline.models.vqgan import CONFIG_NAME, WEIGHTS_NAME
 
 from .conftest import F16_DDCONFIG, tiny_config
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,470 @@
+"""Decoder-only GPT over VQGAN code indices (paper §3.2; reference ``mingpt.py`` +
+``cond_transformer.py``).
+
+Bottom-up: the key/value cache, causal self-attention (full and cached modes), the MLP, the
+pre-LN block, and :class:`GPT` with its training loss, incremental forward, optimizer groups and
+export. Sampling lives in :mod:`pipeline.models.sampling`.
+
+Vocabulary (input table, ``config.table_size`` rows)::
+
+    0 .. vocab_size-1                    image codes (the VQGAN's n_embed codes)
+    vocab_size                           start / unconditional token   (config.start_token)
+    vocab_size + 1 + k, k < n_classes    class k                        (config.class_token(k))
+
+The head projects onto the ``vocab_size`` image codes only: a condition token is never predicted.
+The reference shares one table between codes and condition tokens (class 5 and code 5 are the
+same row); here they cannot collide, and the start token doubles as the "no class" token that
+classifier-free guidance needs (trained by ``cond_drop``).
+
+A sequence is ``[cond, c_0, ..., c_{L-2}]`` and its targets are ``[c_0, ..., c_{L-1}]``: the last
+code is predicted but never fed back, so ``block_size`` >= L codes suffices (16x16 codes need
+block_size 256, as in the reference).
+
+Shapes for the bench config (n_layer 4, n_head 4, n_embd 256, block 256, vocab 512), batch 8:
+idx [8,256] -> tok_emb + pos_emb [8,256,256] -> 4 blocks -> ln_f -> head [8,256,512].
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+WEIGHTS_NAME = "gpt.pt"
+CONFIG_NAME = "gpt.json"
+
+
+@dataclass
+class GPTConfig:
+    """Transformer config. ``vocab_size`` = the VQGAN's ``n_embed`` (image codes only); the
+    condition tokens come on top (:attr:`table_size`). Dropout names as in the reference's
+    ``transformer_config``. Defaults: a small model for a 16x16 code grid."""
+
+    vocab_size: int = 1024
+    n_classes: int = 0  # 0 = unconditional (only the start token)
+    block_size: int = 256  # max positions fed: cond token + up to block_size-1 codes
+    n_layer: int = 8
+    n_head: int = 8
+    n_embd: int = 512
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm (the reference has them)
+    pkeep: float = 1.0  # training: probability of keeping an input code (else a random code)
+    cond_drop: float = 0.0  # training: probability of replacing the class by the start token
+
+    @property
+    def start_token(self) -> int:
+        """Id of the start / unconditional token."""
+        return self.vocab_size
+
+    def class_token(self, k: int) -> int:
+        """Id of class ``k``'s token."""
+        return self.vocab_size + 1 + k
+
+    @property
+    def table_size(self) -> int:
+        """Rows of the token embedding: codes, start token, classes."""
+        return self.vocab_size + 1 + self.n_classes
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def validate(self) -> None:
+        """Raise ``ValueError("field: why")`` for an inconsistent config."""
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.n_classes < 0:
+            raise ValueError(f"n_classes: must be >= 0, got {self.n_classes}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd: must be divisible by n_head={self.n_head}, "
+                             f"got {self.n_embd}")
+        for name in ("embd_pdrop", "resid_pdrop", "attn_pdrop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.pkeep <= 1.0:
+            raise ValueError(f"pkeep: must be in [0, 1], got {self.pkeep}")
+        if not 0.0 <= self.cond_drop <= 1.0:
+            raise ValueError(f"cond_drop: must be in [0, 1], got {self.cond_drop}")
+        if self.cond_drop > 0.0 and self.n_classes == 0:
+            raise ValueError("cond_drop: needs a class-conditional model (n_classes > 0)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise (a typo must not pass silently)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig keys: {unknown}")
+        return cls(**data)
+
+
+# --- key/value cache ----------------------------------------------------------------------------
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding, written in place.
+
+    ``k[l]``, ``v[l]``: [B, n_head, max_len, head_dim] views into one buffer. Positions
+    ``0 .. pos-1`` are valid after a caller has fed ``pos`` tokens through
+    :meth:`GPT.forward_step`; the cache itself keeps no length (the caller owns ``pos``), so one
+    cache can be rewound or refilled from any position without clearing.
+    """
+
+    def __init__(
+        self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
+        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    ) -> None:
+        self.batch, self.max_len = batch, max_len
+        # [n_layer, 2, B, nh, max_len, hd]
+        self.data = torch.zeros(n_layer, 2, batch, n_head, max_len, head_dim, dtype=dtype,
+                                device=device)
+        self.k = [self.data[i, 0] for i in range(n_layer)]
+        self.v = [self.data[i, 1] for i in range(n_layer)]
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+# --- layers -------------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention, q/k/v from one fused Linear (same parameter count as the
+    reference's three), attention by ``scaled_dot_product_attention``.
+
+    Full mode (:meth:`forward`): [B,T,C] -> [B,T,C], causal. Cached mode (:meth:`forward_cached`):
+    the t new tokens sit at positions pos .. pos+t-1, their keys/values are written into the
+    cache and they attend to positions 0 .. pos+t-1.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_pdrop = config.attn_pdrop
+        self.resid_drop = nn.Dropout(config.resid_pdrop)
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, t, c = x.shape
+        # [B,T,3C] -> 3 x [B,nh,T,hd]
+        qkv = self.c_attn(x).view(b, t, 3, self.n_head, c // self.n_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def _out(self, y: Tensor) -> Tensor:
+        b, _, t, _ = y.shape
+        y = y.transpose(1, 2).reshape(b, t, self.n_embd)  # [B,nh,T,hd] -> [B,T,C]
+        return self.resid_drop(self.c_proj(y))
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self._qkv(x)
+        dropout_p = self.attn_pdrop if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return self._out(y)
+
+    def forward_cached(
+        self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, last_only: bool = False
+    ) -> Tensor:
+        """x [B,t,C] at positions pos..pos+t-1 -> [B,t,C] ([B,1,C] for the last position only
+        when ``last_only``; keys/values of all t positions are cached either way). No dropout."""
+        q, k, v = self._qkv(x)  # [B,nh,t,hd]
+        t = x.shape[1]
+        end = pos + t
+        k_cache[:, :, pos:end] = k
+        v_cache[:, :, pos:end] = v
+        if last_only and t > 1:
+            q, t = q[:, :, -1:], 1
+        if t == 1:  # one query sees every cached position: no mask
+            y = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end])
+        elif pos == 0:  # a prefill from the start: plain causal attention over the new tokens
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # a chunk after a cached prefix: query pos+i sees keys 0..pos+i
+            rows = torch.arange(pos, end, device=x.device).unsqueeze(1)
+            mask = torch.arange(end, device=x.device).unsqueeze(0) <= rows  # [t, end]
+            y = F.scaled_dot_product_attention(
+                q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask)
+        return self._out(y)
+
+
+class MLP(nn.Module):
+    """[B,T,C] -> Linear 4C -> GELU -> Linear C -> dropout."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.drop = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_cached(
+        self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, last_only: bool = False
+    ) -> Tensor:
+        """Cached mode, see :meth:`CausalSelfAttention.forward_cached`."""
+        h = self.attn.forward_cached(self.ln_1(x), k_cache, v_cache, pos, last_only)
+        if last_only:
+            x = x[:, -1:]
+        x = x + h
+        return x + self.mlp(self.ln_2(x))
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+
+class GPT(nn.Module):
+    """Token + learned position embeddings, ``n_layer`` pre-LN blocks, final LN, a bias-free head
+    over the ``vocab_size`` image codes.
+
+    Every parameter lives in a submodule (``pos_emb`` is an ``nn.Embedding``, not a bare
+    Parameter), so hooks that gather parameters per submodule (DeepSpeed ZeRO-3) see them all.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.table_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) (two per block)
+        std = 0.02 / math.sqrt(2 * config.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=std)
+            nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        # nn.LayerNorm initialises to weight 1, bias 0 by itself
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; ``non_embedding`` leaves out the token and position tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+        return n
+
+    # -- conditioning and the training batch -----------------------------------------------------
+
+    def cond_tokens(self, labels: Tensor | None, batch: int | None = None) -> Tensor:
+        """Condition tokens [B,1] (long): class k -> ``class_token(k)``; ``labels=None`` -> the
+        start token, repeated ``batch`` times. Raises for labels outside [0, n_classes)."""
+        c = self.config
+        device = self.tok_emb.weight.device
+        if labels is None:
+            if batch is None:
+                raise ValueError("cond_tokens: give labels or batch")
+            return torch.full((batch, 1), c.start_token, dtype=torch.long, device=device)
+        labels = labels.reshape(-1).to(device=device, dtype=torch.long)
+        if batch is not None and labels.numel() != batch:
+            raise ValueError(f"cond_tokens: {labels.numel()} labels for batch {batch}")
+        if labels.device.type != "meta" and labels.numel() and (
+            int(labels.min()) < 0 or int(labels.max()) >= c.n_classes
+        ):
+            raise ValueError(f"cond_tokens: labels must be in [0, {c.n_classes}), got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        return (labels + (c.vocab_size + 1)).unsqueeze(1)
+
+    def prepare_batch(
+        self, codes: Tensor, labels: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """(idx [B,L], targets [B,L]) for ``forward``: idx = [cond, codes[:, :-1]], targets =
+        codes. In training mode only: each input code is kept with probability ``pkeep`` (else
+        replaced by a uniformly random code; targets stay clean) and each class token is
+        replaced by the start token with probability ``cond_drop``."""
+        c = self.config
+        b, length = codes.shape
+        if length > c.block_size:
+            raise ValueError(f"prepare_batch: {length} codes exceed block_size {c.block_size}")
+        codes = codes.long()
+        cond = self.cond_tokens(labels, b).to(codes.device)
+        inputs = codes[:, :-1]
+        if self.training and c.pkeep < 1.0:
+            keep = torch.rand(inputs.shape, device=codes.device, generator=generator) < c.pkeep
+            noise = torch.randint(0, c.vocab_size, inputs.shape, device=codes.device,
+                                  generator=generator)
+            inputs = torch.where(keep, inputs, noise)
+        if self.training and c.cond_drop > 0.0 and labels is not None:
+            drop = torch.rand((b, 1), device=codes.device, generator=generator) < c.cond_drop
+            cond = torch.where(drop, torch.full_like(cond, c.start_token), cond)
+        return torch.cat([cond, inputs], dim=1), codes
+
+    def loss(
+        self, codes: Tensor, labels: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Mean cross-entropy of predicting ``codes`` [B,L] (flattened code grids, raster order)
+        given the class ``labels`` [B] (or the start token). See :meth:`prepare_batch`."""
+        idx, targets = self.prepare_batch(codes, labels, generator)
+        _, loss = self(idx, targets)
+        assert loss is not None
+        return loss
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """idx [B,T] (T <= block_size, ids < table_size) -> (logits [B,T,vocab_size], loss).
+
+        ``logits[:, t]`` is the distribution of the code after ``idx[:, :t+1]``; ``loss`` is the
+        mean cross-entropy against ``targets`` [B,T] (None without targets).
+        """
+        _, t = idx.shape
+        if t > self.config.block_size:
+            raise ValueError(f"forward: sequence of {t} exceeds block_size "
+                             f"{self.config.block_size}")
+        pos = torch.arange(t, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # [B,T,C]
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))  # [B,T,V]
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                   targets.reshape(-1))
+        return logits, loss
+
+    def new_cache(
+        self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` rows and ``max_len`` positions (default
+        block_size), in the parameters' dtype and device unless given."""
+        c, w = self.config, self.tok_emb.weight
+        return KVCache(c.n_layer, batch, c.n_head, max_len or c.block_size, c.head_dim,
+                       dtype=dtype or w.dtype, device=device or w.device)
+
+    def forward_step(
+        self, idx: Tensor, cache: KVCache, pos: int, last_only: bool = True
+    ) -> Tensor:
+        """Incremental forward: idx [B,t] are the tokens at positions pos..pos+t-1, positions
+        0..pos-1 must already be in ``cache``; their keys/values are written into it.
+
+        Returns logits [B,1,vocab_size] for the last position (``last_only``; the last block
+        then skips attention output and MLP of the other positions, which nothing reads) or
+        [B,t,vocab_size]. Equals ``forward(full_prefix)[:, pos:pos+t]`` up to float rounding.
+        Dropout is not applied: meant for eval mode under ``torch.inference_mode``.
+        """
+        t = idx.shape[1]
+        if pos + t > cache.max_len or pos + t > self.config.block_size:
+            raise ValueError(f"forward_step: positions up to {pos + t} exceed the cache "
+                             f"({cache.max_len}) or block_size ({self.config.block_size})")
+        x = self.tok_emb(idx) + self.pos_emb.weight[pos:pos + t]  # [B,t,C]
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block.forward_cached(x, cache.k[i], cache.v[i], pos, last_only and i == last)
+        return self.head(self.ln_f(x))
+
+    # -- optimizer -------------------------------------------------------------------------------
+
+    def configure_optimizer_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Two AdamW param groups: Linear weights (matrices) with ``weight_decay``; biases,
+        LayerNorm and embedding (token and position) weights with 0. Only trainable params."""
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                if isinstance(module, nn.Linear) and name == "weight":
+                    decay.append(p)
+                else:
+                    no_decay.append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    # -- export / import -------------------------------------------------------------------------
+
+    def export_state_dict(self) -> dict[str, Tensor]:
+        """fp32, CPU, contiguous copy of the state dict."""
+        return {
+            k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+            for k, v in self.state_dict().items()
+        }
+
+    def state_bytes(self) -> bytes:
+        """The content of ``gpt.pt``: :meth:`export_state_dict` serialised by ``torch.save``.
+        Loadable with ``torch.load(..., weights_only=True)``."""
+        buf = io.BytesIO()
+        torch.save(self.export_state_dict(), buf)
+        return buf.getvalue()
+
+    def config_json(self) -> str:
+        """The content of ``gpt.json``."""
+        return json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_bytes(
+        cls, config: GPTConfig | dict[str, Any] | str | bytes, data: bytes,
+        map_location: str | torch.device = "cpu",
+    ) -> GPT:
+        """Build a model (eval mode) from ``gpt.json`` content (dataclass, dict or JSON text) and
+        ``gpt.pt`` bytes. Strict: missing or unexpected keys raise."""
+        if isinstance(config, str | bytes):
+            config = json.loads(config)
+        if isinstance(config, dict):
+            config = GPTConfig.from_dict(config)
+        model = cls(config)
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        model.load_state_dict(state, strict=True)
+        return model.to(map_location).eval()
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
+        """Write ``gpt.pt`` and ``gpt.json`` into a local directory (created if needed). For
+        object storage, write :meth:`state_bytes` / :meth:`config_json` through the storage
+        layer instead."""
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, WEIGHTS_NAME), "wb") as f:
+            f.write(self.state_bytes())
+        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+            f.write(self.config_json())
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+    ) -> GPT:
+        """Load what :meth:`save_pretrained` wrote (eval mode)."""
+        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
+            config = json.load(f)
+        with open(os.path.join(directory, WEIGHTS_NAME), "rb") as f:
+            data = f.read()
+        return cls.from_bytes(config, data, map_location=map_location)

@@ -1,0 +1,653 @@
+"""Stage ``tokenize``: image shards → code shards with the trained VQGAN's encoder (Ray Data).
+
+Inputs (upstream manifests only): the shard stage's ``shards`` list and the train_vqgan stage's
+``export`` (``vqgan.pt`` + ``vqgan.json``). Layout of the stage folder::
+
+    train/shard-000000.tar …   one code shard per image shard, same split and name
+    val/shard-000000.tar …     (format: pipeline.data.codes)
+    _parts/train/shard-000000.json …  sidecar per code shard: counts, sha256, code histogram and
+                                      what it was made from (written after the tar)
+
+Engine: a Ray Dataset of *shard descriptors* (``ray.data.from_items``), ``map_batches`` with the
+callable class :class:`ShardTokenizer` in an actor pool (``ActorPoolStrategy(size=actors)``,
+``cpus_per_actor`` CPUs each, one GPU each when the cluster has GPUs). Each actor loads the
+encoder once; each call takes one whole image shard: it streams the tar, decodes and
+center-crops the images (in a thread, overlapping the encoder), encodes them in minibatches,
+writes the code shard atomically as it goes and returns the shard's stats. Why whole shards and
+not a stream of images: outputs are grouped and named per input shard and must be written
+atomically, which a per-image stream could only do by regrouping on the driver (every image
+through the object store, order bookkeeping); and the dataset has no read tasks, so an actor
+pool that takes every CPU cannot starve them (NOTES.md: the 2-core hang). Before the pool
+starts, a placement group of its bundles checks that the cluster can host it (a clear
+ResourceError after ``actor_start_timeout_s`` instead of a silent wait); one shard in flight per
+actor balances shards over actors as they free up.
+
+Exactness: the codes are ``VQGAN.encode(x).indices`` in fp32 for ``x`` the image's center crop
+as :func:`pipeline.data.loader.eval_batches` makes it, in minibatches of ``batch_size`` in shard
+order (with ``flip``, the flipped minibatch separately). ``decode_indices`` of them is the
+VQGAN's reconstruction of those images (``model(x).recon`` decodes the straight-through
+``z + (e - z)``, equal to the code vectors ``e`` up to float32 rounding).
+
+Resume: a code shard whose sidecar matches (same input sha256, same VQGAN weights, same options,
+and the tar's size) is reused, anything else is written again; tars are byte-deterministic, so a
+killed and resumed run ends with the same bytes as a clean one. Test hook:
+``PIPELINE_TOKENIZE_FAIL_AFTER=N`` makes the driver raise once N shards were written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import ConfigError, no_fingerprint
+from pipeline.dag import Stage, StageContext
+from pipeline.data import codes, wds
+from pipeline.storage import Storage, basename, is_temporary, join
+
+log = logging.getLogger("pipeline")
+
+FAIL_AFTER_ENV = "PIPELINE_TOKENIZE_FAIL_AFTER"
+PARTS = "_parts"
+FORMAT = 1  # sidecar/output format; also the stage version
+_CHUNK = 1 << 20
+
+
+@dataclass
+class TokenizeConfig:
+    """Config section ``tokenize`` (see README, "tokenize")."""
+
+    # Also store the codes of the horizontally flipped image ({key}.flip.npy), for augmentation.
+    flip: bool = False
+    # Side of the center crop that is encoded; unset: the VQGAN's training resolution. Larger
+    # (up to the shards' resolution) gives larger code grids, e.g. for sliding-window sampling.
+    resolution: int | None = None
+    # Images per encoder call. Results do not depend on it (eval mode, GroupNorm per sample).
+    batch_size: int = no_fingerprint(64)
+    actors: int = no_fingerprint(0)  # encoder actors; 0: one per GPU, else CPUs // cpus_per_actor
+    cpus_per_actor: float = no_fingerprint(1.0)  # also the actor's torch threads (at least 1)
+    use_gpu: bool | None = no_fingerprint(None)  # None: when the cluster has GPUs
+    # Fail (instead of waiting forever) when the actors cannot all start in this time, e.g.
+    # because other work holds the cluster's CPUs.
+    actor_start_timeout_s: float = no_fingerprint(600.0)
+    progress: bool = no_fingerprint(True)
+
+    def validate(self) -> None:
+        if self.resolution is not None and self.resolution < 1:
+            raise ConfigError("resolution", f"must be >= 1 (or unset), got {self.resolution}")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.actors < 0:
+            raise ConfigError("actors", f"must be >= 0 (0: automatic), got {self.actors}")
+        if self.cpus_per_actor <= 0:
+            raise ConfigError("cpus_per_actor", f"must be > 0, got {self.cpus_per_actor}")
+        if self.actor_start_timeout_s <= 0:
+            raise ConfigError("actor_start_timeout_s", f"must be > 0, got "
+                                                       f"{self.actor_start_timeout_s}")
+
+
+class ResourceError(RuntimeError):
+    """The cluster cannot host the encoder actors (fail now instead of hanging)."""
+
+
+# -- the export --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """The VQGAN export a run tokenizes with, identified by its bytes."""
+
+    weights: str  # URI of vqgan.pt
+    config: str  # URI of vqgan.json
+    weights_sha256: str
+    config_sha256: str
+    model: dict[str, Any]  # vqgan.json content
+    train_vqgan_fingerprint: str
+
+
+def sha256_of(storage: Storage, uri: str) -> str:
+    """sha256 of an object, streamed (exports can be hundreds of MB)."""
+    h = hashlib.sha256()
+    with storage.open(uri, "rb") as fh:
+        while chunk := fh.read(8 * _CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_export(storage: Storage, train_vqgan: dict[str, Any]) -> ExportInfo:
+    exp = train_vqgan["outputs"]["export"]
+    text = storage.read_text(exp["config"])
+    return ExportInfo(weights=exp["weights"], config=exp["config"],
+                      weights_sha256=sha256_of(storage, exp["weights"]),
+                      config_sha256=hashlib.sha256(text.encode()).hexdigest(),
+                      model=json.loads(text), train_vqgan_fingerprint=train_vqgan["fingerprint"])
+
+
+def load_encoder(storage: Storage, export: ExportInfo, device: str = "cpu") -> Any:
+    """The VQGAN (eval mode, decoder dropped: tokenizing never decodes) from the export; raises
+    when the weights are not the bytes the driver fingerprinted."""
+    from pipeline.models.vqgan import VQGAN
+
+    data = storage.read_bytes(export.weights)
+    if hashlib.sha256(data).hexdigest() != export.weights_sha256:
+        raise RuntimeError(f"{export.weights} changed while tokenizing (sha256 differs from the "
+                           f"one recorded at the start); rerun the stage")
+    model = VQGAN.from_bytes(export.model, data, map_location=device)
+    model.decoder = None
+    return model
+
+
+# -- one shard (inside an actor) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    """What every shard is tokenized with (identical for all actors)."""
+
+    resolution: int
+    grid: tuple[int, int]
+    n_embed: int
+    dtype: str
+    flip: bool
+    batch_size: int
+    vqgan_sha256: str
+
+    def sidecar_view(self) -> dict[str, Any]:
+        """The options a reused code shard must have been made with."""
+        return {"format": FORMAT, "resolution": self.resolution, "grid": list(self.grid),
+                "n_embed": self.n_embed, "dtype": self.dtype, "flip": self.flip,
+                "vqgan_sha256": self.vqgan_sha256}
+
+
+@dataclass
+class SourceRead:
+    """Filled in by :func:`decoded_batches` once the image shard was read to its end."""
+
+    samples: int = 0
+    sha256: str = ""
+
+
+def decoded_batches(storage: Storage, uri: str, resolution: int, batch_size: int,
+                    read: SourceRead | None = None
+                    ) -> Iterator[tuple[list[str], list[bytes | None], Any]]:
+    """``(keys, raw .cls bytes or None, images [B,3,r,r] in [-1,1])`` minibatches of an image
+    shard, in order; each image center-cropped exactly as ``loader.eval_batches`` does. At the
+    end, ``read`` holds the sample count and the sha256 of the shard's bytes."""
+    import torch
+
+    from pipeline.data.loader import augment, decode_image, image_bytes, to_tensor
+
+    rng = np.random.default_rng(0)  # unused by a center crop without flip
+    read = read if read is not None else SourceRead()
+    keys: list[str] = []
+    labels: list[bytes | None] = []
+    images: list[Any] = []
+    with storage.open(uri, "rb") as fh:
+        stream = codes.HashingReader(fh)
+        for key, group in codes.iter_tar_groups(stream, uri):
+            img = augment(decode_image(image_bytes(group)), resolution, rng, flip=False,
+                          random_crop=False)
+            keys.append(key)
+            labels.append(group.get(codes.LABEL))
+            images.append(to_tensor(img))
+            read.samples += 1
+            if len(images) == batch_size:
+                yield keys, labels, torch.stack(images)
+                keys, labels, images = [], [], []
+        stream.drain()
+        read.sha256 = stream.sha256
+    if images:
+        yield keys, labels, torch.stack(images)
+
+
+def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Iterate ``items`` in a background thread, up to ``depth`` ahead (decoding overlaps the
+    encoder: torch and Pillow release the GIL). Exceptions surface at the same place; a consumer
+    that stops early stops the thread too."""
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(kind: str, value: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put((kind, value), timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put("item", item):
+                    return
+            put("end", None)
+        except BaseException as e:  # handed to the consumer
+            put("error", e)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, daemon=True, name="tokenize-prefetch")
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+
+
+def encode_indices(model: Any, x: Any, dtype: str) -> np.ndarray:
+    """``model.encode(x).indices`` as a [B, h, w] numpy array of ``dtype`` (fp32, no grad)."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        idx = model.encode(x.to(device, non_blocking=True)).indices
+    return idx.cpu().numpy().astype(dtype, copy=False)
+
+
+def tokenize_shard(model: Any, task: dict[str, Any], storage: Storage,
+                   opts: Options) -> dict[str, Any]:
+    """Read one image shard, encode it, write its code shard and sidecar; returns the stats.
+
+    Checks the image shard against the shard stage's manifest (sample count, sha256) and raises
+    when it differs: tokenizing something else than what the manifest lists would be silent
+    corruption. Stats: the sidecar (see :meth:`Options.sidecar_view` + split, name, uri, source,
+    source_sha256, samples, bytes, sha256, histogram) plus ``seconds``.
+    """
+    t0 = time.perf_counter()
+    hist = np.zeros(opts.n_embed, dtype=np.int64)
+    samples = 0
+    read = SourceRead()
+    batches = prefetch(decoded_batches(storage, task["source"], opts.resolution,
+                                       opts.batch_size, read))
+    with contextlib.closing(batches), storage.open_atomic(task["uri"]) as fh, \
+            wds.shard_writer(fh) as (tar, sink):
+        for keys, labels, x in batches:
+            grids = encode_indices(model, x, opts.dtype)
+            flips = encode_indices(model, x.flip(3), opts.dtype) if opts.flip else None
+            for i, key in enumerate(keys):
+                sample = {"__key__": key, codes.CODES: codes.npy_bytes(grids[i])}
+                if flips is not None:
+                    sample[codes.FLIP] = codes.npy_bytes(flips[i])
+                if labels[i] is not None:
+                    sample[codes.LABEL] = labels[i]
+                tar.write(sample)
+            hist += np.bincount(grids.reshape(-1), minlength=opts.n_embed)
+            samples += len(keys)
+        # Still inside open_atomic: a mismatch publishes nothing.
+        source_sha = read.sha256
+        if read.samples != task["source_samples"] or source_sha != task["source_sha256"]:
+            raise codes.CorruptShardError(
+                task["source"], f"read {read.samples} samples with sha256 {source_sha[:16]}…, the "
+                f"shard manifest lists {task['source_samples']} with "
+                f"{task['source_sha256'][:16]}…")
+    side = {**opts.sidecar_view(), "split": task["split"], "name": task["name"],
+            "uri": task["uri"], "source": task["source"], "source_sha256": source_sha,
+            "samples": samples, "bytes": sink.bytes, "sha256": sink.sha256,
+            "histogram": hist.tolist()}
+    # The sidecar is written after the tar is final: a tar without one is redone on resume.
+    storage.write_json(task["part_uri"], side)
+    return {**side, "cached": False, "seconds": time.perf_counter() - t0}
+
+
+class ShardTokenizer:
+    """Ray Data callable class: loads the encoder once per actor; each batch row is one shard
+    task, the output row its stats (JSON text, which keeps Arrow out of the histogram)."""
+
+    def __init__(self, storage: Storage, export: ExportInfo, opts: Options, use_gpu: bool,
+                 threads: int) -> None:
+        import torch
+
+        if use_gpu:
+            # Exact fp32 codes: TF32 would change the encoder's float results.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        else:
+            torch.set_num_threads(threads)
+        self.storage, self.opts = storage, opts
+        self.model = load_encoder(storage, export, "cuda" if use_gpu else "cpu")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        fields = ("index", "split", "name", "uri", "part_uri", "source", "source_samples",
+                  "source_sha256")
+        out = []
+        for j in range(len(batch["index"])):
+            task = {k: _plain(batch[k][j]) for k in fields}
+            out.append(json.dumps(tokenize_shard(self.model, task, self.storage, self.opts)))
+        return {"index": batch["index"], "stats": np.array(out, dtype=object)}
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars from a Ray Data batch → Python values."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+# -- driver ------------------------------------------------------------------------------------
+
+
+def plan_tasks(stage_uri: str, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One task per image shard: the code shard gets the same split folder and file name."""
+    tasks = []
+    for i, s in enumerate(shards):
+        name = s["name"]  # e.g. "train/shard-000003.tar"
+        stem = name[:-len(".tar")] if name.endswith(".tar") else name
+        tasks.append({"index": i, "split": s["split"], "name": name,
+                      "uri": join(stage_uri, name), "part_uri": join(stage_uri, PARTS,
+                                                                     f"{stem}.json"),
+                      "source": s["uri"], "source_samples": int(s["samples"]),
+                      "source_sha256": s["sha256"]})
+    return tasks
+
+
+def reusable(storage: Storage, task: dict[str, Any], opts: Options) -> dict[str, Any] | None:
+    """The sidecar of a finalized code shard made from this input with these options, or None
+    (missing, stale, or its tar is missing or has another size) when it must be written."""
+    try:
+        side = storage.read_json(task["part_uri"])
+        size = storage.size(task["uri"])
+    except (FileNotFoundError, ValueError):
+        return None
+    want = {**opts.sidecar_view(), "uri": task["uri"], "source": task["source"],
+            "source_sha256": task["source_sha256"], "samples": task["source_samples"]}
+    if not isinstance(side, dict) or any(side.get(k) != v for k, v in want.items()):
+        return None
+    if side.get("bytes") != size or len(side.get("histogram", ())) != opts.n_embed:
+        return None
+    return {**side, "cached": True, "seconds": 0.0}
+
+
+def plan_actors(cfg: TokenizeConfig, todo: int) -> tuple[int, bool]:
+    """(actors, use_gpu) for ``todo`` shards; raises ResourceError when the cluster cannot host
+    them (an actor pool that cannot start waits forever instead of failing)."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 0)), int(res.get("GPU", 0))
+    use_gpu = gpus > 0 if cfg.use_gpu is None else cfg.use_gpu
+    if use_gpu and gpus < 1:
+        raise ResourceError("tokenize.use_gpu=true but the Ray cluster has no GPU")
+    if cfg.actors:
+        actors = cfg.actors
+    elif use_gpu:
+        actors = gpus
+    else:
+        actors = max(1, int(cpus // cfg.cpus_per_actor + 1e-9))
+    actors = max(1, min(actors, todo))
+    need = actors * cfg.cpus_per_actor
+    if need > cpus + 1e-9:
+        raise ResourceError(
+            f"tokenize needs {need:g} CPUs ({actors} actors × tokenize.cpus_per_actor="
+            f"{cfg.cpus_per_actor:g}) but the Ray cluster has {cpus:g}: lower tokenize.actors "
+            f"or tokenize.cpus_per_actor")
+    if use_gpu and actors > gpus:
+        raise ResourceError(f"tokenize needs {actors} GPUs (one per actor) but the Ray cluster "
+                            f"has {gpus}: lower tokenize.actors")
+    return actors, use_gpu
+
+
+def wait_for_room(actors: int, cpus_per_actor: float, use_gpu: bool, timeout_s: float) -> None:
+    """Return once the cluster can place the whole pool at once; ResourceError after
+    ``timeout_s``.
+
+    A placement group of the pool's bundles is the probe: it is placed atomically or not at
+    all, and removing it leaves nothing behind, whereas a Ray Data pool whose actors cannot
+    start waits forever (or, with ``wait_for_min_actors_s``, fails while its pending actors
+    live on as long as the error's traceback does, then start and hold the CPUs).
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundle = {"CPU": cpus_per_actor, **({"GPU": 1} if use_gpu else {})}
+    pg = placement_group([bundle] * actors)
+    try:
+        ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    finally:
+        remove_placement_group(pg)
+    if not ready:
+        raise ResourceError(
+            f"the {actors} tokenize actors ({cpus_per_actor:g} CPUs{' + 1 GPU' if use_gpu else ''}"
+            f" each) could not start within tokenize.actor_start_timeout_s={timeout_s:g}s: "
+            f"other work holds the cluster's resources; wait for it, or lower tokenize.actors "
+            f"or tokenize.cpus_per_actor")
+
+
+def _fail_after() -> int | None:
+    value = os.environ.get(FAIL_AFTER_ENV)
+    return int(value) if value else None
+
+
+def run_actors(ctx: StageContext, tasks: list[dict[str, Any]], export: ExportInfo,
+               opts: Options, actors: int, use_gpu: bool) -> list[dict[str, Any]]:
+    """Tokenize ``tasks`` with the actor pool; stats in task order, with a progress bar."""
+    import ray
+    from tqdm.auto import tqdm
+
+    cfg: TokenizeConfig = ctx.cfg
+    wait_for_room(actors, cfg.cpus_per_actor, use_gpu, cfg.actor_start_timeout_s)
+    # One block per shard: each actor call gets exactly one shard descriptor.
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    ds.context.enable_progress_bars = False  # ours counts shards; Ray Data's would double it
+    # Backstop for a race with other work after wait_for_room: fail instead of waiting forever.
+    ds.context.wait_for_min_actors_s = math.ceil(cfg.actor_start_timeout_s)
+    # One call is one whole shard: a long shard is not a stalled pipeline (Ray Data's default
+    # gives up after 30 min without an output).
+    ds.context.execution_no_progress_timeout_s = -1
+    ds = ds.map_batches(
+        ShardTokenizer,
+        fn_constructor_kwargs={"storage": ctx.storage, "export": export, "opts": opts,
+                               "use_gpu": use_gpu,
+                               "threads": max(1, int(cfg.cpus_per_actor))},
+        batch_size=1,
+        # One shard in flight per actor: a call lasts seconds to minutes and its input is a
+        # few hundred bytes, so queueing would only pin shards to busy actors (no balancing).
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=1 if use_gpu else 0,
+    )
+    fail_after = _fail_after()
+    done: dict[int, dict[str, Any]] = {}
+    bar = tqdm(total=len(tasks), desc="tokenize: shards done", unit="shard",
+               disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        for row in _rows(ds, actors, cfg):
+            stats = json.loads(row["stats"])
+            done[int(row["index"])] = stats
+            bar.update(1)
+            ctx.tracker.log({"tokenize/shards_done": len(done),
+                             "tokenize/samples_done": sum(s["samples"] for s in done.values())},
+                            step=len(done))
+            if fail_after is not None and fail_after <= len(done) < len(tasks):
+                raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: stopping after {len(done)} "
+                                   f"finalized code shards (test hook)")
+    finally:
+        bar.close()
+    missing = [t["name"] for t in tasks if t["index"] not in done]
+    if missing:
+        raise RuntimeError(f"tokenize: no result for {len(missing)} shards ({missing[:3]}…)")
+    return [done[t["index"]] for t in tasks]
+
+
+def _rows(ds: Any, actors: int, cfg: TokenizeConfig) -> Iterator[dict[str, Any]]:
+    """``ds.iter_rows()``, with an actor pool that cannot start turned into a clear error."""
+    import ray
+
+    timed_out = False
+    try:
+        yield from ds.iter_rows()
+    except ray.exceptions.GetTimeoutError as e:
+        if "starting actors" not in str(e):
+            raise
+        timed_out = True
+    if timed_out:  # raised outside the except block: the timeout's traceback can go
+        raise ResourceError(
+            f"the {actors} tokenize actors ({cfg.cpus_per_actor:g} CPUs each) did not all start "
+            f"within tokenize.actor_start_timeout_s={cfg.actor_start_timeout_s:g}s: the cluster "
+            f"is busy or too small; lower tokenize.actors or tokenize.cpus_per_actor")
+
+
+def remove_strays(storage: Storage, stage_uri: str, keep: set[str]) -> int:
+    """Delete unfinished temporaries and files not in this plan below the split folders and
+    _parts/, so the folder holds exactly what the manifest lists."""
+    removed = 0
+    subs = {u.split("/")[0] for u in (k[len(stage_uri) + 1:] for k in keep)} | {PARTS}
+    for sub in sorted(subs):
+        fs, path = storage.fs(join(stage_uri, sub))
+        try:
+            found = fs.find(path)
+        except FileNotFoundError:
+            continue
+        base = path.rstrip("/")
+        for p in found:
+            uri = join(stage_uri, sub, p[len(base):].lstrip("/"))
+            if is_temporary(basename(p)) or uri not in keep:
+                fs.rm(p)
+                removed += 1
+    return removed
+
+
+def code_usage(hist: np.ndarray) -> dict[str, Any]:
+    """Codes used, fraction of the codebook used, perplexity (exp entropy) of a histogram."""
+    total = int(hist.sum())
+    p = hist[hist > 0] / max(total, 1)
+    return {"tokens": total, "used": int((hist > 0).sum()),
+            "fraction": float((hist > 0).mean()),
+            "perplexity": float(math.exp(-(p * np.log(p)).sum())) if total else 0.0}
+
+
+def check_inputs(cfg: TokenizeConfig, shard: dict[str, Any], model: dict[str, Any]
+                 ) -> tuple[int, tuple[int, int]]:
+    """(crop resolution, code grid) for these inputs; ValueError naming the key when they do not
+    fit together."""
+    factor = 2 ** (len(model["ch_mult"]) - 1)
+    resolution = cfg.resolution or int(model["resolution"])
+    if resolution % factor:
+        raise ConfigError("tokenize.resolution", f"must be a multiple of the VQGAN's "
+                                                 f"downsampling factor {factor}, got {resolution}")
+    if int(shard.get("resolution", resolution)) < resolution:
+        raise ConfigError("tokenize.resolution", f"{resolution} is larger than the shards' "
+                                                 f"images ({shard['resolution']} px)")
+    return resolution, (resolution // factor, resolution // factor)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg: TokenizeConfig = ctx.cfg
+    storage = ctx.storage
+    shard = ctx.inputs["shard"]["outputs"]
+    if not shard["shards"]:
+        raise ValueError("the shard stage listed no shards to tokenize")
+    export = read_export(storage, ctx.inputs["train_vqgan"])
+    resolution, grid = check_inputs(cfg, shard, export.model)
+    n_embed = int(export.model["n_embed"])
+    opts = Options(resolution=resolution, grid=grid, n_embed=n_embed,
+                   dtype=codes.code_dtype(n_embed).name, flip=cfg.flip,
+                   batch_size=cfg.batch_size, vqgan_sha256=export.weights_sha256)
+
+    tasks = plan_tasks(ctx.uri, shard["shards"])
+    with ThreadPoolExecutor(16) as pool:  # sidecar checks are small I/O-bound reads
+        cached = list(pool.map(lambda t: reusable(storage, t, opts), tasks))
+    todo = [t for t, c in zip(tasks, cached) if c is None]
+    log.info("[tokenize] %d shards (%d already finalized), grid %s, n_embed %d, flip %s",
+             len(tasks), len(tasks) - len(todo), list(grid), n_embed, cfg.flip)
+
+    t0 = time.perf_counter()
+    fresh: list[dict[str, Any]] = []
+    actors, use_gpu = 0, False
+    if todo:
+        actors, use_gpu = plan_actors(cfg, len(todo))
+        log.info("[tokenize] %d shards to encode with %d actors (%g CPUs%s each)", len(todo),
+                 actors, cfg.cpus_per_actor, ", 1 GPU" if use_gpu else "")
+        fresh = run_actors(ctx, todo, export, opts, actors, use_gpu)
+    seconds = time.perf_counter() - t0
+    by_index = {t["index"]: s for t, s in zip(todo, fresh)}
+    results = [c if c is not None else by_index[t["index"]] for t, c in zip(tasks, cached)]
+    remove_strays(storage, ctx.uri, {r["uri"] for r in results} |
+                  {t["part_uri"] for t in tasks})
+    return outputs_of(ctx, shard, export, opts, results, fresh, seconds, actors, use_gpu)
+
+
+def outputs_of(ctx: StageContext, shard: dict[str, Any], export: ExportInfo, opts: Options,
+               results: list[dict[str, Any]], fresh: list[dict[str, Any]], seconds: float,
+               actors: int, use_gpu: bool) -> dict[str, Any]:
+    """The manifest's outputs (JSON)."""
+    tokens_per_image = opts.grid[0] * opts.grid[1]
+    splits: dict[str, Any] = {}
+    histogram: dict[str, list[int]] = {}
+    usage: dict[str, Any] = {}
+    for split in sorted({r["split"] for r in results}):
+        rows = [r for r in results if r["split"] == split]
+        hist = np.sum([np.asarray(r["histogram"], dtype=np.int64) for r in rows], axis=0)
+        samples = sum(r["samples"] for r in rows)
+        splits[split] = {"shards": len(rows), "samples": samples,
+                         "tokens": samples * tokens_per_image,
+                         "bytes": sum(r["bytes"] for r in rows)}
+        histogram[split] = hist.tolist()
+        usage[split] = code_usage(hist)
+    written = sum(r["samples"] for r in fresh)
+    images_per_s = round(written / seconds, 2) if fresh and seconds > 0 else None
+    samples = sum(s["samples"] for s in splits.values())
+    out = {
+        "vqgan": {"train_vqgan_fingerprint": export.train_vqgan_fingerprint,
+                  "weights": export.weights, "weights_sha256": export.weights_sha256,
+                  "config": export.config, "config_sha256": export.config_sha256},
+        "resolution": opts.resolution,
+        "grid": list(opts.grid),
+        "n_embed": opts.n_embed,
+        "dtype": opts.dtype,
+        "flip": opts.flip,
+        "format": {"codes": codes.CODES, "flip": codes.FLIP if opts.flip else None,
+                   "label": codes.LABEL},
+        "classes": shard.get("classes", []),
+        "num_classes": shard.get("num_classes", 0),
+        "shards": [{k: r[k] for k in ("split", "name", "uri", "source", "samples", "bytes",
+                                      "sha256")} for r in results],
+        "splits": splits,
+        "samples": samples,
+        "tokens": samples * tokens_per_image,
+        "histogram": histogram,
+        "usage": usage,
+        "shards_reused": len(results) - len(fresh),
+        "actors": actors,
+        "device": "cuda" if use_gpu else "cpu",
+        "images_per_s": images_per_s,
+        "seconds": round(seconds, 3),
+    }
+    ctx.tracker.summary({"tokenize/samples": samples, "tokenize/tokens": out["tokens"],
+                         "tokenize/images_per_s": images_per_s,
+                         **{f"tokenize/{s}_usage": u["fraction"] for s, u in usage.items()},
+                         **{f"tokenize/{s}_perplexity": u["perplexity"]
+                            for s, u in usage.items()}})
+    log.info("[tokenize] %d samples → %d tokens (grid %s), usage %s, %s images/s", samples,
+             out["tokens"], list(opts.grid),
+             {s: round(u["fraction"], 3) for s, u in usage.items()}, images_per_s)
+    return out
+
+
+STAGE = Stage(
+    name="tokenize",
+    config=TokenizeConfig,
+    run=run,
+    upstream=("shard", "train_vqgan"),
+    version=FORMAT,
+    help="image shards → code shards with the VQGAN encoder (Ray Data actor pool)",
+)

@@ -1,0 +1,364 @@
+"""train_transformer: the GPT over code sequences, trained by DeepSpeed ZeRO under Ray Train.
+
+Reads tokenize's code shards (validated against its manifest before training starts); writes Ray
+Train checkpoints (``train/checkpoint-*``), a consolidated ``export/gpt.pt`` + ``export/gpt.json``
+(gathered from ZeRO-3 partitions), sample grids decoded with the VQGAN (``images/``),
+``history.jsonl`` and ``eval.json`` (val loss, bits per token, the codes' unigram entropy).
+
+The vocabulary's image part comes from the VQGAN (``n_embed``), the sequence length from the
+code grid (``h·w``), the classes from the shard stage: the config only holds the architecture.
+Checkpoint, resume, failure recovery and "raise steps to continue" are the shared
+``pipeline.train`` machinery that train_vqgan uses too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.config import ConfigError, no_fingerprint
+from pipeline.dag import Stage, StageContext
+from pipeline.storage import Storage, join
+from pipeline.train.config import TrainConfig
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class TrainTransformerConfig(TrainConfig):
+    """TrainConfig (steps, batch, ZeRO 0-3, workers...) plus the GPT architecture."""
+
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.01  # matrices only
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    grad_clip: float = 1.0
+    zero_stage: int = 3
+    n_layer: int = 8
+    n_head: int = 8
+    n_embd: int = 512
+    dropout: float = 0.0
+    bias: bool = True
+    pkeep: float = 1.0  # input code corruption (the reference's pkeep)
+    conditional: bool = True  # class-conditional when the shards have labels
+    cond_drop: float = 0.1  # class dropout: enables classifier-free guidance at sampling
+    activation_checkpointing: bool = False
+    flip: bool = True  # use tokenize's flipped grids as augmentation when present
+    shuffle_buffer: int = 1024
+    eval_samples: int = 2048
+    image_every: int = no_fingerprint(200)
+    samples_per_class: int = no_fingerprint(4)
+    temperature: float = no_fingerprint(1.0)
+    top_k: int = no_fingerprint(0)  # 0: off
+    # Test hooks: the last rank dies hard (os._exit) at this step once, leaving the marker file.
+    fault_step: int = no_fingerprint(-1)
+    fault_marker: str = no_fingerprint("")
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("n_layer", "n_head", "n_embd", "eval_samples", "image_every",
+                     "samples_per_class", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError("n_embd", f"must be divisible by n_head={self.n_head}, got "
+                              f"{self.n_embd}")
+        if not 0 < self.pkeep <= 1:
+            raise ConfigError("pkeep", f"must be in (0, 1], got {self.pkeep}")
+        if not 0 <= self.cond_drop < 1:
+            raise ConfigError("cond_drop", f"must be in [0, 1), got {self.cond_drop}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+def is_complete(outputs: dict[str, Any], cfg: TrainTransformerConfig) -> bool:
+    return int(outputs.get("steps", 0)) >= cfg.steps
+
+
+def gpt_config(cfg: TrainTransformerConfig, data: dict[str, Any]) -> Any:
+    """The model config: architecture from the stage config, vocabulary and length from data."""
+    from pipeline.models.gpt import GPTConfig
+
+    return GPTConfig(
+        vocab_size=data["n_embed"], n_classes=data["n_classes"], block_size=data["length"],
+        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, embd_pdrop=cfg.dropout,
+        resid_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, bias=cfg.bias, pkeep=cfg.pkeep,
+        cond_drop=cfg.cond_drop if data["n_classes"] else 0.0)
+
+
+# -- worker side ----------------------------------------------------------------------------------
+
+
+def checkpoint_blocks(model: Any) -> None:
+    """Activation checkpointing applied from outside the model code: each transformer block
+    recomputes its activations in the backward pass instead of storing them."""
+    import torch.utils.checkpoint as ckpt
+
+    for block in model.blocks:
+        inner = block.forward
+
+        def forward(x: Any, _inner: Any = inner) -> Any:
+            return ckpt.checkpoint(_inner, x, use_reentrant=False)
+
+        block.forward = forward
+
+
+def evaluate(model: Any, storage: Storage, shards: list[str], length: int,
+             limit: int, batch: int = 64) -> dict[str, float]:
+    """Mean cross-entropy (nats) and bits per token of the codes in ``shards`` (unflipped)."""
+    import torch
+
+    from pipeline.data.codes import iter_code_samples
+
+    model.eval()
+    total, tokens, n = 0.0, 0, 0
+    codes, labels = [], []
+
+    def flush() -> None:
+        nonlocal total, tokens, codes, labels
+        c = torch.stack(codes)
+        lab = torch.tensor(labels) if model.config.n_classes else None
+        with torch.no_grad():
+            total += float(model.loss(c, lab)) * c.numel()
+        tokens += c.numel()
+        codes, labels = [], []
+
+    for uri in shards:
+        for s in iter_code_samples(storage, uri):
+            if n >= limit:
+                break
+            codes.append(torch.from_numpy(s.codes.astype("int64").reshape(-1)))
+            labels.append(s.label if s.label is not None else 0)
+            n += 1
+            if len(codes) == batch:
+                flush()
+    if codes:
+        flush()
+    if tokens == 0:
+        raise ValueError("no codes to evaluate")
+    loss = total / tokens
+    return {"loss": loss, "bits_per_token": loss / math.log(2), "samples": n, "tokens": tokens}
+
+
+def sample_grid(model: Any, vqgan: Any, data: dict[str, Any], cfg: TrainTransformerConfig,
+                step: int, seed: int) -> Any:
+    """Codes sampled per class (or unconditionally), decoded to one uint8 grid image."""
+    import torch
+
+    from pipeline.metrics import grid, to_uint8, upscale
+    from pipeline.models.sampling import sample
+
+    n_classes, per = data["n_classes"], cfg.samples_per_class
+    cond = torch.arange(n_classes).repeat_interleave(per) if n_classes else None
+    n = n_classes * per if n_classes else 4 * per
+    was_training = model.training
+    model.eval()
+    codes = sample(model, n, cond, data["length"], temperature=cfg.temperature,
+                   top_k=cfg.top_k or None, seed=seed + step)
+    model.train(was_training)
+    h, w = data["grid"]
+    with torch.no_grad():
+        images = vqgan.decode_indices(codes.view(n, h, w).long())
+    image = grid(to_uint8(images), cols=per)
+    return upscale(image, max(1, 64 // images.shape[-1]))  # cells of >= 64 px to look at
+
+
+def gpt_worker(config: dict[str, Any]) -> None:
+    """Ray Train loop (one per worker)."""
+    import ray.train
+    import torch
+
+    from pipeline.data.loader import StreamSpec, code_batches
+    from pipeline.metrics import png_bytes
+    from pipeline.models.gpt import GPT
+    from pipeline.models.vqgan import VQGAN
+    from pipeline.tracking import NullTracker
+    from pipeline.train import checkpoint
+    from pipeline.train.engine import make_engine, set_lr
+    from pipeline.train.history import MetricsLog
+    from pipeline.train.schedule import lr_at
+    from pipeline.train.state import TrainState
+
+    cfg: TrainTransformerConfig = config["cfg"]
+    storage: Storage = config["storage"]
+    data, uri, seed = config["data"], config["uri"], config["seed"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    model = GPT(gpt_config(cfg, data))
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(model)
+    groups = model.configure_optimizer_groups(cfg.weight_decay)
+    engine = make_engine(model, cfg, world, params=groups)
+    state = checkpoint.restore({"GPT": engine})
+    if state is None:
+        state = TrainState()
+        torch.manual_seed(seed * 1000 + rank)
+    tracker = config["tracker"].create() if rank == 0 and config["tracker"] else NullTracker()
+    history = MetricsLog(storage, join(uri, "history.jsonl"), state.step)
+    vqgan = None
+    if rank == 0:
+        vqgan = VQGAN.from_bytes(storage.read_text(data["vqgan"]["config"]),
+                                 storage.read_bytes(data["vqgan"]["weights"]))
+
+    spec = StreamSpec(tuple(data["train"]), rank, world, seed, cfg.shuffle_buffer)
+    batches = code_batches(storage, spec, cfg.micro_batch, data["length"],
+                           position=state.data.get("position"), flip=cfg.flip)
+    gen = torch.Generator()
+    t0, seen0 = time.perf_counter(), state.samples_seen
+    while state.step < cfg.steps:
+        lr = lr_at(state.step, cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps,
+                   schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
+        set_lr(engine, lr)
+        loss_sum = 0.0
+        # Corruption noise is a function of (seed, rank, step): a resumed run draws the same.
+        gen.manual_seed(seed * 7919 + rank * 104729 + state.step)
+        for _ in range(cfg.grad_accum):
+            codes, labels, position = next(batches)
+            loss = _loss(engine, codes, labels, data["n_classes"], gen)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += float(loss.detach()) / cfg.grad_accum
+        state.step += 1
+        state.samples_seen += cfg.global_batch
+        state.data = {"position": position}
+        if state.step == cfg.fault_step and rank == world - 1 and cfg.fault_marker \
+                and not os.path.exists(cfg.fault_marker):
+            open(cfg.fault_marker, "w").close()
+            os._exit(1)  # test hook: a hard worker crash
+        if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+            elapsed = time.perf_counter() - t0
+            tokens = (state.samples_seen - seen0) * data["length"]
+            logs = {"loss/train": loss_sum, "lr": lr, "tokens_per_s": tokens / elapsed}
+            tracker.log(logs, step=state.step)
+            if rank == 0:
+                history.append({"step": state.step, **logs})
+                history.flush()
+            t0, seen0 = time.perf_counter(), state.samples_seen
+        if state.step % cfg.image_every == 0 or state.step == cfg.steps:
+            plain = consolidated(engine, cfg, rank)  # collective under ZeRO-3
+            if plain is not None:
+                image = sample_grid(plain, vqgan, data, cfg, state.step, seed)
+                storage.write_bytes(join(uri, "images", f"samples-{state.step:08d}.png"),
+                                    png_bytes(image))
+                tracker.log_images({"samples": image}, step=state.step)
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+            checkpoint.save({"GPT": engine}, state, {"loss/train": loss_sum})
+
+    plain = consolidated(engine, cfg, rank)  # fp32 export, even from ZeRO-3 partitions
+    if plain is not None:
+        export(plain, storage, uri, data, cfg, state, tracker)
+    tracker.finish()
+
+
+def _loss(engine: Any, codes: Any, labels: Any, n_classes: int, gen: Any) -> Any:
+    """Next-code cross-entropy through the engine (so ZeRO-3 gathers the weights it needs)."""
+    idx, targets = engine.module.prepare_batch(codes, labels if n_classes else None, gen)
+    _, loss = engine(idx, targets)
+    return loss
+
+
+def consolidated(engine: Any, cfg: TrainTransformerConfig, rank: int) -> Any:
+    """A plain fp32 copy of the model on rank 0 (None elsewhere). Every rank must call it: under
+    ZeRO-3 the partitions are gathered collectively. The copy has no DeepSpeed hooks, so rank 0
+    can sample and evaluate with it alone (a ZeRO-3 module's forward is itself collective)."""
+    import contextlib
+
+    from pipeline.models.gpt import GPT
+
+    context: Any = contextlib.nullcontext()
+    if cfg.zero_stage == 3:
+        import deepspeed
+
+        context = deepspeed.zero.GatheredParameters(list(engine.module.parameters()),
+                                                    modifier_rank=None)
+    with context:
+        if rank != 0:
+            return None
+        model = GPT(engine.module.config)
+        model.load_state_dict(engine.module.export_state_dict())
+    return model.eval()
+
+
+def export(model: Any, storage: Storage, uri: str, data: dict[str, Any],
+           cfg: TrainTransformerConfig, state: Any, tracker: Any) -> None:
+    """export/gpt.{pt,json} (fp32) and eval.json, from the consolidated fp32 model."""
+    storage.write_bytes(join(uri, "export", "gpt.pt"), model.state_bytes())
+    storage.write_text(join(uri, "export", "gpt.json"), model.config_json())
+    ev = evaluate(model, storage, data["val"] or data["train"], data["length"],
+                  cfg.eval_samples)
+    result = {"step": state.step, "samples_seen": state.samples_seen, "val": ev,
+              "unigram_entropy": data["unigram_entropy"]}
+    storage.write_json(join(uri, "eval.json"), result)
+    tracker.summary({"eval/loss": ev["loss"], "eval/bits_per_token": ev["bits_per_token"]})
+
+
+# -- driver side ----------------------------------------------------------------------------------
+
+
+def unigram_entropy(histogram: list[int]) -> float:
+    """Entropy (nats) of the code frequencies: the loss of a model that ignores context."""
+    total = sum(histogram)
+    return -sum(c / total * math.log(c / total) for c in histogram if c)
+
+
+def data_spec(ctx: StageContext) -> dict[str, Any]:
+    """What the workers need, from upstream manifests only; code shards are validated here."""
+    from pipeline.data.codes import iter_code_samples, shard_specs
+
+    tok = ctx.inputs["tokenize"]["outputs"]
+    vq = ctx.inputs["train_vqgan"]["outputs"]
+    shard = ctx.inputs["shard"]["outputs"]
+    specs = shard_specs(tok)
+    for spec in specs:  # a corrupt or truncated shard fails now, with its name
+        for _ in iter_code_samples(ctx.storage, spec):
+            pass
+    h, w = tok["grid"]
+    n_classes = int(shard.get("num_classes", 0)) if ctx.cfg.conditional else 0
+    hist = tok["histogram"]["train"] if isinstance(tok["histogram"], dict) else tok["histogram"]
+    split = {s["uri"]: s["split"] for s in tok["shards"]}
+    return {
+        "train": [s.uri for s in specs if split[s.uri] == "train" and s.samples],
+        "val": [s.uri for s in specs if split[s.uri] == "val" and s.samples],
+        "n_embed": int(tok["n_embed"]), "grid": [h, w], "length": h * w,
+        "n_classes": n_classes, "classes": shard.get("classes", []),
+        "vqgan": vq["export"], "unigram_entropy": unigram_entropy(hist),
+    }
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from pipeline.train.launch import fit
+
+    cfg: TrainTransformerConfig = ctx.cfg
+    data = data_spec(ctx)
+    if not data["train"]:
+        raise ValueError("tokenize produced no training codes")
+    loop_config = {"cfg": cfg, "storage": ctx.storage, "uri": ctx.uri, "seed": ctx.root_cfg.seed,
+                   "data": data, "tracker": ctx.tracker_spec}
+    result = fit(gpt_worker, loop_config, uri=ctx.uri, storage=ctx.storage, tc=cfg, name="train")
+    ev = ctx.storage.read_json(join(ctx.uri, "eval.json"))
+    images = [u for u in ctx.storage.walk_files(join(ctx.uri, "images")) if u.endswith(".png")]
+    return {
+        "steps": ev["step"],
+        "samples_seen": ev["samples_seen"],
+        "export": {"weights": join(ctx.uri, "export", "gpt.pt"),
+                   "config": join(ctx.uri, "export", "gpt.json")},
+        "val_loss": ev["val"]["loss"],
+        "bits_per_token": ev["val"]["bits_per_token"],
+        "unigram_entropy": ev["unigram_entropy"],
+        "grid": data["grid"], "n_classes": data["n_classes"], "classes": data["classes"],
+        "images": images,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    }
+
+
+STAGE = Stage("train_transformer", TrainTransformerConfig, run,
+              upstream=("shard", "train_vqgan", "tokenize"), version=1, is_complete=is_complete,
+              help="GPT over code sequences, DeepSpeed ZeRO under Ray Train")
