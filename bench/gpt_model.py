@@ -4,15 +4,21 @@ Model: GPT 4 layers, 4 heads, 256 wide, block 256, vocab 512 (10 classes, pkeep 
 cond_drop 0.1: the training-time corruption is part of the step), batch 8 sequences of 256 codes,
 fp32, ``torch.set_num_threads(--threads)``. Prints one JSON object; tokens/s = batch x 256 codes /
 median step time over ``--steps`` steps after ``--warmup``. ``--bf16`` also times the step under
-bf16 autocast (a lever on this CPU, which has AMX; fp32 is the compared figure).
+bf16 autocast (a lever on this CPU, AVX512-BF16; fp32 is the compared figure).
 
 Usage: python bench/gpt_model.py [--threads 2] [--batch 8] [--steps 10] [--warmup 3] [--bf16]
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# Sleep, don't spin, when an OpenMP thread waits: on a shared 2-core machine GNU OpenMP's default
+# spinning made 2-thread steps 10-30x slower whenever other processes were busy. Must be set
+# before torch loads libgomp; an explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # bench/ also holds scripts named like stdlib modules (tokenize.py) that would shadow them once
 # this script's folder heads sys.path: drop it before anything imports torch.
@@ -23,7 +29,6 @@ sys.path.insert(0, str(ROOT))
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -70,6 +75,7 @@ def main() -> None:
     result: dict[str, object] = {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
         "seq": 256, "params": model.num_params(),
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
     times = time_steps(model, opt, codes, labels, args.steps, args.warmup, bf16=False)

@@ -21,8 +21,14 @@ Usage: python bench/sample.py [--threads 2] [--batch 8] [--repeats 2] [--referen
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# Sleep, don't spin, when an OpenMP thread waits: on a shared 2-core machine GNU OpenMP's default
+# spinning made 2-thread steps 10-30x slower whenever other processes were busy. Must be set
+# before torch loads libgomp; an explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # bench/ also holds scripts named like stdlib modules (tokenize.py) that would shadow them once
 # this script's folder heads sys.path: drop it before anything imports torch.
@@ -32,7 +38,6 @@ sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
@@ -99,6 +104,7 @@ def main() -> None:
     result: dict[str, object] = {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": b,
         "model": {**base, "dtype": "float32"},
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
 

@@ -70,7 +70,8 @@ class CodeShardSpec:
     """What a code shard must hold. ``None`` fields are not checked.
 
     ``grid`` is ``(h, w)``, ``dtype`` a numpy dtype name, ``flip`` whether every sample carries a
-    flipped grid. The tokenize manifest gives all of them (:func:`shard_specs`).
+    flipped grid, ``n_embed`` the codebook size. The tokenize manifest gives all of them
+    (:func:`shard_specs`).
     """
 
     uri: str
@@ -79,6 +80,7 @@ class CodeShardSpec:
     grid: tuple[int, int] | None = None
     dtype: str | None = None
     flip: bool | None = None
+    n_embed: int | None = None  # every code must be below it
 
 
 def shard_specs(outputs: dict[str, Any], split: str | None = None) -> list[CodeShardSpec]:
@@ -86,7 +88,8 @@ def shard_specs(outputs: dict[str, Any], split: str | None = None) -> list[CodeS
     manifest order, each with the checks its reader should make."""
     grid = tuple(outputs["grid"])
     return [CodeShardSpec(uri=s["uri"], samples=s["samples"], sha256=s["sha256"], grid=grid,
-                          dtype=outputs["dtype"], flip=outputs["flip"])
+                          dtype=outputs["dtype"], flip=outputs["flip"],
+                          n_embed=outputs["n_embed"])
             for s in outputs["shards"] if split is None or s["split"] == split]
 
 
@@ -165,7 +168,7 @@ def _grid(uri: str, key: str, suffix: str, data: bytes | None,
         raise CorruptShardError(uri, f"sample {key!r} has no .{suffix}")
     try:
         grid = parse_npy(data)
-    except ValueError as e:
+    except (ValueError, EOFError, OSError) as e:
         raise CorruptShardError(uri, f"sample {key!r}: .{suffix} is not a valid .npy ({e})") \
             from e
     if grid.ndim != 2 or grid.dtype.kind != "u":
@@ -177,6 +180,9 @@ def _grid(uri: str, key: str, suffix: str, data: bytes | None,
     if spec.dtype is not None and grid.dtype != np.dtype(spec.dtype):
         raise CorruptShardError(uri, f"sample {key!r}: .{suffix} dtype {grid.dtype} != "
                                      f"expected {spec.dtype}")
+    if spec.n_embed is not None and grid.size and int(grid.max()) >= spec.n_embed:
+        raise CorruptShardError(uri, f"sample {key!r}: .{suffix} holds code {int(grid.max())}, "
+                                     f"outside the codebook of {spec.n_embed}")
     return grid
 
 

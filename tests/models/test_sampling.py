@@ -221,3 +221,13 @@ def test_sliding_window_reuse_counts_and_independence_from_the_cache_bound():
         sample_sliding(model, 1, None, grid=(3, 8), window=(4, 4))
     with pytest.raises(ValueError, match="window"):
         sample_sliding(model, 1, None, grid=(8, 8), window=(4, 5))
+
+
+def test_unconditional_model():
+    model = model_for(n_classes=0)
+    codes = sample(model, 2, None, 9, top_p=0.9, seed=0)
+    assert codes.shape == (2, 9)
+    grid = sample_sliding(model, 2, None, grid=(5, 6), window=(4, 4), seed=0)
+    assert grid.shape == (2, 5, 6) and (grid < 16).all()
+    with pytest.raises(ValueError, match="labels"):
+        sample(model, 1, torch.tensor([0]), 4)
