@@ -16,7 +16,7 @@ minibatch size:
 may be loading the machine; the best run is the least disturbed one; ``load_average_1m`` says
 how busy the machine was at the end).
 
-Usage: python bench/tokenize.py [--images 2000] [--resolution 64] [--batch-size 64]
+Usage: python bench/tokenize_stage.py [--images 2000] [--resolution 64] [--batch-size 64]
                                 [--repeats 2] [--ch 64] [--one-actor]
 """
 
