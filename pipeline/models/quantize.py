@@ -83,7 +83,8 @@ class QuantizerConfig:
 class QuantizerOutput(NamedTuple):
     """What the quantizer (and ``VQGAN.encode``) returns.
 
-    z_q:        [B, embed_dim, h, w] quantized latents; straight-through: d z_q / d z = identity
+    z_q:        [B, embed_dim, h, w] quantized latents, contiguous NCHW; forward value exactly
+                the code vectors (== ``embed_indices(indices)`` bit for bit), d z_q / d z = identity
     indices:    [B, h, w] int64 code indices
     loss:       scalar, the codebook + commitment loss (only β·commitment with EMA)
     perplexity: scalar, exp(entropy) of the batch's code histogram (1 .. n_embed)
@@ -184,10 +185,26 @@ class VectorQuantizer(nn.Module):
         w = self.embedding.weight
         return F.normalize(w, dim=1) if self.config.l2_normalize else w
 
-    def embed_indices(self, indices: Tensor) -> Tensor:
-        """[B, h, w] code indices -> [B, embed_dim, h, w] quantized latents (for decoding)."""
-        e = self._from_lookup_space(self._codes(indices))  # [B, h, w, embed_dim]
+    def _latents(self, e_look: Tensor, b: int, h: int, w: int) -> Tensor:
+        """[B*h*w, lookup_dim] rows -> [B, embed_dim, h, w] contiguous (NCHW) latents.
+
+        The one path from looked-up codes to latents, shared by :meth:`forward` and
+        :meth:`embed_indices`: same shapes through the same ops, hence bit-identical results.
+        The layout is fixed rather than copied from the encoder output, whose strides vary with
+        the grad mode (attention leaves channels_last activations under ``no_grad``): the decoder
+        then sees the same strides on both paths, so decoding stored codes reproduces
+        ``model(x)``'s reconstruction exactly.
+        """
+        e = self._from_lookup_space(e_look).reshape(b, h, w, self.config.embed_dim)
         return e.permute(0, 3, 1, 2).contiguous()
+
+    def embed_indices(self, indices: Tensor) -> Tensor:
+        """[B, h, w] code indices -> [B, embed_dim, h, w] quantized latents (for decoding).
+
+        Bit-identical to ``forward(z).z_q`` for the indices ``forward(z)`` returned (same dtype).
+        """
+        b, h, w = indices.shape
+        return self._latents(self._codes(indices.reshape(-1)), b, h, w)
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -213,15 +230,17 @@ class VectorQuantizer(nn.Module):
             else:
                 loss = codebook + cfg.beta * commitment
 
-        # Straight-through: forward value e, gradient passed to z_look unchanged.
-        z_q_look = z_look + (e - z_look).detach()
-        z_q = self._from_lookup_space(z_q_look).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        # Straight-through: gradient passed to z_look unchanged, forward value exactly e. The
+        # textbook z + sg(e - z) rounds (z + (e - z) != e in floating point), so decoding stored
+        # codes would not reproduce forward's reconstruction bit for bit; z - sg(z) is exactly 0.
+        z_q_look = e + (z_look - z_look.detach())
+        z_q = self._latents(z_q_look, b, h, w)
 
         counts, perplexity, usage = code_statistics(indices, cfg.n_embed)
         if self.training:
             self._update_codebook(z_look.detach(), indices, counts)
         return QuantizerOutput(
-            z_q=z_q.contiguous(memory_format=_memory_format(z)),
+            z_q=z_q,
             indices=indices.reshape(b, h, w),
             loss=loss,
             perplexity=perplexity,
@@ -276,11 +295,3 @@ class VectorQuantizer(nn.Module):
             self.ema_cluster_size[dead] = 1.0
             self.ema_embed_sum[dead] = new
         self.unused_steps[dead] = 0
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """Keep channels_last inputs channels_last (convolutions on CPU and GPU prefer it)."""
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-    if channels_last and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
