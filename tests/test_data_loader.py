@@ -9,7 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.loader import StreamSpec, eval_batches, image_batches, stream
+from pipeline.data.loader import (
+    StreamSpec,
+    decode_image,
+    eval_batches,
+    image_batches,
+    stream,
+    to_tensor,
+)
 from pipeline.data.wds import shard_writer
 from pipeline.storage import Storage, join
 
@@ -91,3 +98,15 @@ def test_batches_shape_range_and_labels(shards):
     assert [len(b[0]) for b in evals] == [8, 8, 4]
     assert evals[0][1].tolist()[:4] == [0, 1, 2, 0], "ordered, labels from .cls"
     assert sum(len(b[0]) for b in eval_batches(storage, uris, 8, 12, limit=5)) == 5
+
+
+def test_to_tensor_of_read_only_views(recwarn):
+    """PIL-decoded arrays are read-only: converting them (whole, cropped, flipped) gives the
+    exact [-1, 1] values without torch's "not writable" warning."""
+    img = decode_image(_png(200))
+    assert not img.flags.writeable
+    for view in (img, img[2:10, 1:9], img[:, ::-1]):
+        x = to_tensor(view)
+        expected = torch.tensor(view.transpose(2, 0, 1).astype(np.float32)) / 127.5 - 1.0
+        assert torch.equal(x, expected)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]

@@ -107,8 +107,14 @@ def label_of(sample: dict[str, Any]) -> int:
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
-    """HWC uint8 → CHW float in [-1, 1] (the VQGAN's input range)."""
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 127.5 - 1.0
+    """HWC uint8 → CHW float32 in [-1, 1] (the VQGAN's input range); ``img`` may be any view
+    (read-only, cropped, flipped) and is not modified."""
+    # The float conversion copies anyway: doing it in NumPy gives a fresh, writable, C-ordered
+    # array for torch.from_numpy. Arrays decoded by PIL are read-only views of its buffer, which
+    # from_numpy warns about ("The given NumPy array is not writable"); copying the uint8 image
+    # first only to silence that would cost a second copy.
+    x = torch.from_numpy(img.astype(np.float32, order="C"))
+    return x.permute(2, 0, 1).div_(127.5).sub_(1.0)
 
 
 def augment(img: np.ndarray, size: int, rng: np.random.Generator, flip: bool = True,
