@@ -1,4 +1,5 @@
-"""Command line: ``python -m pipeline {run,status} CONFIG [key=value ...]``.
+"""Command line: ``python -m pipeline {run,status,report} CONFIG [key=value ...]`` and
+``python -m pipeline sample RUN_URI [options] --out DIR``.
 
 One entry function per command. Exit codes: 0 success, 1 a stage failed, 2 bad usage or config
 (nothing written).
@@ -15,7 +16,7 @@ from typing import Any
 
 from pipeline.config import ConfigError, dump_yaml, load_config
 from pipeline.dag import Pipeline, SelectionError, StageFailed
-from pipeline.storage import Storage
+from pipeline.storage import Storage, join
 
 log = logging.getLogger("pipeline")
 
@@ -47,10 +48,106 @@ def cmd_run(args: argparse.Namespace, pipe: Pipeline) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     pipe.select(args.only or (), args.from_, args.until)  # bad flags fail before any write
-    manifests = pipe.run(cfg, only=args.only or (), from_=args.from_, until=args.until,
-                         force=args.force or (), on_ray=ensure_ray)
+    storage = Storage.from_config(cfg.storage)
+    try:
+        manifests = pipe.run(cfg, storage, only=args.only or (), from_=args.from_,
+                             until=args.until, force=args.force or (), on_ray=ensure_ray)
+    finally:  # also after a failed stage: the report shows what is done so far
+        _report(pipe, cfg, storage)
     log.info("run %r complete: %s", cfg.run, ", ".join(manifests) or "nothing selected")
     print(pipe.run_uri(cfg))
+    return 0
+
+
+def _report(pipe: Pipeline, cfg: Any, storage: Storage) -> str | None:
+    from pipeline.report import write_report
+
+    try:
+        uri = write_report(pipe, cfg, storage)
+    except Exception as e:  # the report must never hide the run's own outcome
+        log.warning("report.html not written: %s: %s", type(e).__name__, e)
+        return None
+    log.info("report: %s", uri)
+    return uri
+
+
+def cmd_report(args: argparse.Namespace, pipe: Pipeline) -> int:
+    """(Re)write <root>/<run>/report.html from the finished stages; starts nothing."""
+    cfg = _load(pipe, args)
+    uri = _report(pipe, cfg, Storage.from_config(cfg.storage))
+    if uri is None:
+        return 1
+    print(uri)
+    return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    """'HxW' or 'S' (pixels) -> (H, W)."""
+    parts = text.lower().split("x")
+    try:
+        h, w = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, 0)
+    except ValueError:
+        h = w = 0
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"expected HxW in pixels (e.g. 32x64), got {text!r}")
+    return h, w
+
+
+def cmd_sample(args: argparse.Namespace, pipe: Pipeline) -> int:
+    """Sample images from a finished run into --out: N PNGs (per class) plus grid.png."""
+    import torch
+
+    from pipeline import generate as g
+
+    storage = Storage(endpoint_url=args.endpoint_url, region=args.region)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        models = g.find_models(storage, args.run_uri)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = "cuda" if args.device == "cuda" or (args.device == "auto"
+                                                 and torch.cuda.is_available()) else "cpu"
+    gpt, vqgan = g.load_models(storage, models, device)
+    factor = vqgan.config.downsample_factor
+    h, w = models.grid
+    try:
+        options = g.SampleOptions(args.temperature, args.top_k, args.top_p, args.cfg)
+        options.check()
+        if args.n < 1:
+            raise ValueError(f"--n: must be >= 1, got {args.n}")
+        grid = g.code_grid(args.size, factor, models.grid) if args.size else models.grid
+        if args.classes and not models.classes:
+            raise ValueError("--class: this run's GPT is unconditional")
+        bad = [k for k in args.classes or [] if not 0 <= k < len(models.classes)]
+        if bad:
+            raise ValueError(f"--class: {bad} not in [0, {len(models.classes)}) "
+                             f"(classes: {', '.join(models.classes)})")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    classes = args.classes or list(range(len(models.classes)))
+    labels = g.class_labels(args.n, classes) if models.classes else None
+    n = len(labels) if labels is not None else args.n
+    log.info("sampling %d images of %dx%d px (code grid %dx%d%s) from %s", n, grid[0] * factor,
+             grid[1] * factor, *grid,
+             f", sliding {h}x{w} window" if grid != models.grid else "", models.transformer_uri)
+    out = g.generate(gpt, vqgan, n, labels, models.grid, grid, options=options, seed=args.seed,
+                     batch_size=args.batch_size, progress=True)
+    names = g.sample_names(labels, n, models.classes)
+    _, grid_uri = g.write_pngs(storage, args.out, out.images, names,
+                               cols=args.n if labels is not None else min(n, 10))
+    storage.write_json(join(args.out, "samples.json"), {
+        "run": args.run_uri, "transformer": models.transformer_uri, "seed": args.seed,
+        "options": options.to_dict(), "code_grid": list(grid),
+        "image_size": list(out.images.shape[-2:]), "seconds": round(out.seconds, 3),
+        "files": [{"file": f, "class": None if labels is None else int(k)}
+                  for f, k in zip(names, labels.tolist() if labels is not None else [None] * n,
+                                  strict=True)]})
+    log.info("%d samples in %.1fs (%.0f codes/s) -> %s", n, out.seconds, out.tokens_per_s,
+             args.out)
+    print(grid_uri)
     return 0
 
 
@@ -118,6 +215,41 @@ def build_parser(stage_names: Sequence[str]) -> argparse.ArgumentParser:
     common(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
+
+    report = sub.add_parser("report", help="(re)write <root>/<run>/report.html",
+                            description="Render report.html in the run folder from the finished "
+                                        "stages (run writes it too). Starts nothing.")
+    common(report)
+    report.set_defaults(func=cmd_report)
+
+    sample = sub.add_parser(
+        "sample", help="sample PNGs from a finished run",
+        description="Sample images from a finished run on any storage root: N per class (or N "
+                    "unconditional) individual PNGs plus grid.png and samples.json in --out. "
+                    "--size larger than the trained size samples with a sliding window.")
+    sample.add_argument("run_uri", metavar="RUN_URI",
+                        help="<root>/<run> (e.g. runs/tiny or s3://bucket/runs/exp1), or a "
+                             "train_transformer-<fp> folder")
+    sample.add_argument("--out", required=True, metavar="DIR", help="output folder or URI")
+    sample.add_argument("--class", dest="classes", type=int, action="append", metavar="K",
+                        help="class id to sample (repeatable; default: every class)")
+    sample.add_argument("--n", type=int, default=8, help="samples per class (default 8)")
+    sample.add_argument("--size", type=_size, metavar="HxW",
+                        help="image size in pixels (default: the trained size); larger sizes "
+                             "use sliding-window sampling")
+    sample.add_argument("--temperature", type=float, default=1.0)
+    sample.add_argument("--top-k", type=int, default=None, metavar="K")
+    sample.add_argument("--top-p", type=float, default=None, metavar="P")
+    sample.add_argument("--cfg", type=float, default=1.0, metavar="S",
+                        help="classifier-free guidance scale (1: off)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--batch-size", type=int, default=64)
+    sample.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    sample.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    sample.add_argument("--endpoint-url", default=None,
+                        help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS defaults)")
+    sample.add_argument("--region", default=None)
+    sample.set_defaults(func=cmd_sample)
     return parser
 
 
@@ -131,7 +263,12 @@ def main(argv: Sequence[str] | None = None,
     unknown = [a for a in extra if a.startswith("-") or "=" not in a]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = list(args.overrides) + [a for a in extra if a not in unknown]
+    if not hasattr(args, "overrides"):  # commands without a CONFIG take no key=value
+        unknown = extra
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    else:
+        args.overrides = list(args.overrides) + [a for a in extra if a not in unknown]
     _setup_logging(args.verbose)
     try:
         return args.func(args, pipe)

@@ -52,6 +52,9 @@ class Stage:
     # stage whose `steps` was raised, which is outside the fingerprint: not complete, so it runs
     # again in the same folder and continues from its newest checkpoint.)
     is_complete: Callable[[dict[str, Any], Any], bool] | None = None
+    # Optional: the stage's part of the run's report.html, from its manifest's outputs:
+    # {"metrics": {label: value}, "images": [(caption, uri), ...]} (pipeline/report.py).
+    report: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 @dataclass

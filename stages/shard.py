@@ -550,10 +550,22 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return outputs
 
 
+def report(outputs: dict[str, Any]) -> dict[str, Any]:
+    """The report's section: counts and speed."""
+    splits, totals = outputs["splits"], outputs["totals"]
+    return {"metrics": {
+        "source": outputs["source"], "resolution (px)": outputs["resolution"],
+        "classes": outputs["num_classes"], "train samples": splits["train"]["samples"],
+        "val samples": splits["val"]["samples"], "skipped inputs": totals["skipped"],
+        "duplicates": totals["duplicates"], "images/s": outputs["images_per_s"] or "-"},
+        "images": []}
+
+
 STAGE = Stage(
     name="shard",
     config=ShardConfig,
     run=run,
     version=1,
+    report=report,
     help="source images → WebDataset train/val tar shards (Ray tasks)",
 )

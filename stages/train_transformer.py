@@ -359,6 +359,18 @@ def run(ctx: StageContext) -> dict[str, Any]:
     }
 
 
+def report(outputs: dict[str, Any]) -> dict[str, Any]:
+    """The report's section: val loss against the context-free baseline, the last samples."""
+    images = sorted(outputs.get("images", []))
+    return {"metrics": {
+        "steps": outputs["steps"], "val loss (nats/code)": outputs["val_loss"],
+        "bits per code": outputs["bits_per_token"],
+        "unigram entropy of the codes (nats)": outputs["unigram_entropy"]},
+        "images": [(f"Samples during training ({images[-1].rsplit('/', 1)[-1]})", images[-1])]
+        if images else []}
+
+
 STAGE = Stage("train_transformer", TrainTransformerConfig, run,
               upstream=("shard", "train_vqgan", "tokenize"), version=1, is_complete=is_complete,
+              report=report,
               help="GPT over code sequences, DeepSpeed ZeRO under Ray Train")

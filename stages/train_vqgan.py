@@ -329,5 +329,24 @@ def run(ctx: StageContext) -> dict[str, Any]:
     }
 
 
+def report(outputs: dict[str, Any]) -> dict[str, Any]:
+    """The report's section: val reconstruction metrics (vs the untrained model), the last
+    input | reconstruction grid."""
+    ev, ev0 = outputs["eval"], outputs.get("eval_untrained", {})
+    metrics: dict[str, Any] = {"steps": outputs["steps"]}
+    for key, label in (("psnr", "val PSNR (dB)"), ("ssim", "val SSIM"), ("lpips", "val LPIPS")):
+        if key in ev:
+            metrics[label] = f"{ev[key]:.4g}" + (f" (untrained {ev0[key]:.4g})" if key in ev0
+                                                 else "")
+    metrics["codebook usage"] = f"{ev['codebook_usage']:.1%}"
+    metrics["code perplexity"] = ev["perplexity"]
+    metrics["perceptual backbone"] = outputs.get("perceptual_backbone", "-")
+    recon = sorted(u for u in outputs.get("images", []) if "/recon-" in u)
+    images = [(f"Input | reconstruction ({recon[-1].rsplit('/', 1)[-1]})", recon[-1])] \
+        if recon else []
+    return {"metrics": metrics, "images": images}
+
+
 STAGE = Stage("train_vqgan", TrainVQGANConfig, run, upstream=("shard",), version=1,
-              is_complete=is_complete, help="VQGAN + discriminator, DeepSpeed under Ray Train")
+              is_complete=is_complete, report=report,
+              help="VQGAN + discriminator, DeepSpeed under Ray Train")

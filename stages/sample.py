@@ -1,0 +1,222 @@
+"""sample: images from the trained GPT + VQGAN, and a check that they are recognisable.
+
+Writes into the stage folder: ``samples/`` (one PNG per sample at native resolution, N per class
+or N unconditional, plus ``samples/grid.png``: one row per class, enlarged for viewing),
+``highres/`` (sliding-window samples on a code grid larger than the trained one, decoded to
+high-resolution PNGs, and ``highres/highres.png`` stacking them), ``samples.json`` (which file
+holds which class, the options) and, for class-conditional runs, the classifier check: a simple
+classifier fitted on the real training images (:mod:`pipeline.classifier`) labels the generated
+images; the share it assigns to the class they were generated for is ``classifier.accuracy``.
+
+The work runs in one Ray task (a GPU when ``use_gpu``), so on a cluster it lands on a worker
+node, not the driver. Outputs are a function of the config and the run's seed: a rerun after a
+crash simply writes them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.config import ConfigError, no_fingerprint
+from pipeline.dag import Stage, StageContext
+from pipeline.storage import Storage, join
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class SampleConfig:
+    """Sampling options of the sample stage."""
+
+    n: int = 10  # samples per class (class-conditional) or in total (unconditional)
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    cfg_scale: float = 1.0  # classifier-free guidance scale; 1: off
+    highres: list[int] = field(default_factory=lambda: [16, 32])  # code grid H, W; []: none
+    highres_n: int = 2  # high-resolution samples (classes taken in turn)
+    classifier: bool = True  # fit a classifier on the real images, score the generated ones
+    classifier_images: int = 5000  # real training images it sees at most
+    batch_size: int = no_fingerprint(64)
+    use_gpu: bool = no_fingerprint(False)
+    num_cpus: float = no_fingerprint(2.0)
+    progress: bool = no_fingerprint(True)
+
+    def validate(self) -> None:
+        for name in ("n", "batch_size", "classifier_images"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ConfigError("temperature", f"must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError("top_k", f"must be >= 0 (0: off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.cfg_scale < 0:
+            raise ConfigError("cfg_scale", f"must be >= 0, got {self.cfg_scale}")
+        if self.highres and (len(self.highres) != 2 or min(self.highres) < 1):
+            raise ConfigError("highres", f"must be [H, W] (code grid) or [], got {self.highres}")
+        if self.highres_n < 0:
+            raise ConfigError("highres_n", f"must be >= 0, got {self.highres_n}")
+        if self.num_cpus <= 0:
+            raise ConfigError("num_cpus", f"must be > 0, got {self.num_cpus}")
+
+    def options(self) -> Any:
+        from pipeline.generate import SampleOptions
+
+        return SampleOptions(temperature=self.temperature, top_k=self.top_k or None,
+                             top_p=self.top_p if self.top_p < 1 else None,
+                             cfg_scale=self.cfg_scale)
+
+
+# -- the task --------------------------------------------------------------------------------------
+
+
+def real_batches(storage: Storage, shards: list[str], size: int, limit: int) -> Any:
+    from pipeline.data.loader import eval_batches
+
+    return eval_batches(storage, shards, 256, size, limit=limit)
+
+
+def check_with_classifier(storage: Storage, train: list[str], val: list[str], size: int,
+                          limit: int, n_classes: int, images: Any, labels: Any,
+                          seed: int) -> dict[str, Any]:
+    """Fit the classifier on real training images; its accuracy on real val images (how good
+    the yardstick is) and on the generated ``images`` (the figure)."""
+    from pipeline import classifier
+
+    clf = classifier.fit(real_batches(storage, train, size, limit), n_classes, seed)
+    result: dict[str, Any] = {"train_images": clf.train_images,
+                              "features": f"gray {classifier.FEATURE_SIDE}x"
+                                          f"{classifier.FEATURE_SIDE}, logistic regression"}
+    if val:
+        import torch
+
+        real = list(real_batches(storage, val, size, limit))
+        x = torch.cat([b[0] for b in real])
+        y = torch.cat([b[1] for b in real])
+        result["real_val"] = clf.accuracy(x, y)
+    result.update(clf.accuracy(images, labels))
+    return result
+
+
+def sample_task(cfg: SampleConfig, storage: Storage, uri: str, models: Any, data: dict[str, Any],
+                seed: int) -> dict[str, Any]:
+    """Everything the stage computes; runs in a Ray task (or inline)."""
+    import torch
+
+    from pipeline import generate as g
+    from pipeline.metrics import png_bytes
+
+    torch.set_num_threads(max(1, int(cfg.num_cpus)))
+    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    gpt, vqgan = g.load_models(storage, models, device)
+    n_classes = len(models.classes)
+    labels = g.class_labels(cfg.n, range(n_classes)) if n_classes else None
+    n = len(labels) if labels is not None else cfg.n
+    out = g.generate(gpt, vqgan, n, labels, models.grid, options=cfg.options(), seed=seed,
+                     batch_size=cfg.batch_size, progress=cfg.progress)
+    names = g.sample_names(labels, n, models.classes)
+    files, grid_uri = g.write_pngs(storage, join(uri, "samples"), out.images, names,
+                                   cols=cfg.n if n_classes else min(cfg.n, 10))
+    index = [{"file": name, "class": int(k) if labels is not None else None}
+             for name, k in zip(names, labels.tolist() if labels is not None else [None] * n,
+                                strict=True)]
+    result: dict[str, Any] = {
+        "grid_png": grid_uri, "samples_dir": join(uri, "samples"), "n": n,
+        "n_per_class": cfg.n if n_classes else None, "classes": models.classes,
+        "code_grid": list(models.grid), "image_size": list(out.images.shape[-2:]),
+        "sampling_seconds": round(out.seconds, 3), "tokens_per_s": round(out.tokens_per_s, 1),
+        "options": cfg.options().to_dict(), "highres": None, "classifier": None,
+    }
+
+    if cfg.highres and cfg.highres_n:
+        grid = (int(cfg.highres[0]), int(cfg.highres[1]))
+        if grid[0] < models.grid[0] or grid[1] < models.grid[1]:
+            raise ConfigError("highres", f"{list(grid)} is smaller than the trained code grid "
+                                         f"{list(models.grid)}")
+        hl = (torch.arange(cfg.highres_n) % n_classes) if n_classes else None
+        big = g.generate(gpt, vqgan, cfg.highres_n, hl, models.grid, grid,
+                         options=cfg.options(), seed=seed + 1, batch_size=cfg.batch_size)
+        hnames = [f"highres-{i:02d}.png" for i in range(cfg.highres_n)]
+        g.write_pngs(storage, join(uri, "highres"), big.images, hnames, cols=1)
+        stacked = join(uri, "highres", "highres.png")
+        storage.write_bytes(stacked, png_bytes(g.highres_png(big.images)))
+        result["highres"] = {
+            "png": stacked, "files": [join(uri, "highres", h) for h in hnames],
+            "code_grid": list(grid), "image_size": list(big.images.shape[-2:]),
+            "classes": hl.tolist() if hl is not None else None,
+            "seconds": round(big.seconds, 3), "tokens_per_s": round(big.tokens_per_s, 1)}
+
+    if cfg.classifier and n_classes >= 2:
+        result["classifier"] = check_with_classifier(
+            storage, data["train"], data["val"], int(out.images.shape[-1]),
+            cfg.classifier_images, n_classes, out.images, labels, seed)
+    storage.write_json(join(uri, "samples.json"), {**result, "files": index})
+    return result
+
+
+# -- driver side -----------------------------------------------------------------------------------
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    import ray
+
+    from pipeline.generate import find_models
+
+    cfg: SampleConfig = ctx.cfg
+    models = find_models(ctx.storage, ctx.inputs["train_transformer"]["uri"])
+    shard = ctx.inputs["shard"]["outputs"]
+    data = {split: [s["uri"] for s in shard["shards"] if s["split"] == split and s["samples"]]
+            for split in ("train", "val")}
+    task = ray.remote(sample_task).options(num_cpus=cfg.num_cpus,
+                                           num_gpus=1 if cfg.use_gpu else 0)
+    t0 = time.perf_counter()
+    result = ray.get(task.remote(cfg, ctx.storage, ctx.uri, models, data, ctx.root_cfg.seed))
+    log.info("[sample] %d samples in %.1fs (%.0f codes/s)%s", result["n"],
+             time.perf_counter() - t0, result["tokens_per_s"],
+             f"; classifier accuracy {result['classifier']['accuracy']:.1%}"
+             if result["classifier"] else "")
+    images = {"samples": result["grid_png"]}
+    if result["highres"]:
+        images["highres"] = result["highres"]["png"]
+    ctx.tracker.log_images({k: _local_copy(ctx.storage, v) for k, v in images.items()})
+    if result["classifier"]:
+        ctx.tracker.summary({"sample/classifier_accuracy": result["classifier"]["accuracy"]})
+    return result
+
+
+def _local_copy(storage: Storage, uri: str) -> Any:
+    """W&B takes a local path or an array: decode PNGs from any storage root."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB"))
+
+
+def report(outputs: dict[str, Any]) -> dict[str, Any]:
+    """The report's section: the sample grid, the high-resolution sample, the classifier."""
+    images = [("Samples per class" if outputs.get("classes") else "Samples",
+               outputs["grid_png"])]
+    metrics: dict[str, Any] = {"samples": outputs["n"],
+                               "codes/s (sampling + decoding)": outputs["tokens_per_s"]}
+    hr = outputs.get("highres")
+    if hr:
+        h, w = hr["image_size"]
+        images.append((f"High resolution: {w}x{h} px from a {hr['code_grid'][0]}x"
+                       f"{hr['code_grid'][1]} code grid (sliding window)", hr["png"]))
+    clf = outputs.get("classifier")
+    if clf:
+        metrics["classifier accuracy on samples"] = f"{clf['accuracy']:.1%}"
+        if "real_val" in clf:
+            metrics["classifier accuracy on real val images"] = f"{clf['real_val']['accuracy']:.1%}"
+    return {"images": images, "metrics": metrics}
+
+
+STAGE = Stage("sample", SampleConfig, run, upstream=("shard", "train_transformer"), version=1,
+              help="samples per class, high-resolution sliding-window samples, classifier check")
