@@ -643,10 +643,23 @@ def outputs_of(ctx: StageContext, shard: dict[str, Any], export: ExportInfo, opt
     return out
 
 
+def report(outputs: dict[str, Any]) -> dict[str, Any]:
+    """The report's section: how much was encoded, how the codebook is used."""
+    usage = outputs["usage"].get("train", {})
+    h, w = outputs["grid"]
+    return {"metrics": {
+        "images": outputs["samples"], "code grid": f"{h}x{w}", "tokens": outputs["tokens"],
+        "codebook size": outputs["n_embed"],
+        "codes used (train)": f"{usage.get('used', 0)} ({usage.get('fraction', 0.0):.1%})",
+        "code perplexity (train)": usage.get("perplexity", 0.0),
+        "images/s": outputs["images_per_s"] or "-"}, "images": []}
+
+
 STAGE = Stage(
     name="tokenize",
     config=TokenizeConfig,
     run=run,
+    report=report,
     upstream=("shard", "train_vqgan"),
     version=FORMAT,
     help="image shards → code shards with the VQGAN encoder (Ray Data actor pool)",
