@@ -4,7 +4,8 @@ Bottom-up: logit filters (top-k, top-p), classifier-free guidance, the choice of
 then three samplers that share them:
 
 - :func:`sample`: one sequence per row with a preallocated :class:`KVCache` (written in place,
-  one token of forward per step; the reference recomputes the whole context every step).
+  one token of forward per step, by :class:`~pipeline.models.decode.DecodeStep`; the reference
+  recomputes the whole context every step).
 - :func:`sample_uncached`: the same, recomputing the full context every step (tests, bench).
 - :func:`sample_sliding`: an H x W grid larger than the trained h x w window. Position (i, j)
   sees the window placed around it and clamped to the grid, as in the reference's sampling
@@ -29,8 +30,11 @@ forwards and 262,144 positions for the reference's full-window forward per code 
 In the interior of the grid every code has a placement of its own (the window follows it), so
 there a code costs one prefix forward (~137 positions for 16x16) however the cache is kept.
 
-Every sampler needs the model in eval mode and runs under ``torch.inference_mode``. Codes come
-back as int64 on the model's device. Random draws come from ``generator`` (or a new one seeded
+Every sampler needs the model in eval mode and runs under ``torch.inference_mode``. One-token
+steps run on one intra-op thread when they are small
+(:func:`~pipeline.models.decode.decode_threads`; the caller's thread count is restored
+afterwards), prefixes and chunks on the caller's. Codes come back as int64 on the model's
+device. Random draws come from ``generator`` (or a new one seeded
 with ``seed``, or torch's global generator): the same seed gives the same codes.
 """
 
@@ -42,6 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .decode import DecodeStep, decode_threads, step_macs
 from .gpt import GPT, KVCache
 
 __all__ = [
@@ -195,18 +200,19 @@ def sample(
     """
     length = _check_length(model, length)
     s = _setup(model, n, cond, cfg_scale, generator, seed)
-    cache = model.new_cache(s.tokens.shape[0], max_len=length)
+    batch = s.tokens.shape[0]
+    cache = model.new_cache(batch, max_len=length)
+    decode = DecodeStep(model, batch)
     out = torch.empty(n, length, dtype=torch.long, device=s.tokens.device)
-    x = s.tokens  # [B',t] tokens to feed next
-    for step in range(length):
-        logits = model.forward_step(x, cache, step)[:, -1]  # [B',V]
-        if callback is not None:
-            callback(step, logits)
-        code = _next(logits, s, cfg_scale, temperature, top_k, top_p)  # [n]
-        out[:, step] = code
-        x = code.unsqueeze(1)
-        if s.guided:
-            x = torch.cat([x, x])
+    x = s.tokens[:, 0]  # [B'] tokens to feed next
+    with decode_threads(step_macs(model.config, batch)):
+        for step in range(length):
+            logits = decode(x, cache, step)  # [B',V]
+            if callback is not None:
+                callback(step, logits)
+            code = _next(logits, s, cfg_scale, temperature, top_k, top_p)  # [n]
+            out[:, step] = code
+            x = torch.cat([code, code]) if s.guided else code
     return out
 
 
@@ -303,6 +309,7 @@ def sample_sliding(
         raise ValueError(f"max_cached_windows: must be >= 1, got {max_cached_windows}")
     s = _setup(model, n, cond, cfg_scale, generator, seed)
     batch = s.tokens.shape[0]
+    decode, macs = DecodeStep(model, batch), step_macs(model.config, batch)
     codes = torch.zeros(n, big_h * big_w, dtype=torch.long, device=s.tokens.device)
     stats = SlidingStats(positions=big_h * big_w, reference_tokens=big_h * big_w * h * w)
     pool: dict[tuple[int, int], _Placement] = {}  # by window origin, least recent first
@@ -344,7 +351,11 @@ def sample_sliding(
             stats.max_cached_windows = max(stats.max_cached_windows, len(pool))
             filled = placement.filled
             tokens = feed(i_s, j_s, filled, need)
-            logits = model.forward_step(tokens, placement.cache, filled)[:, -1]  # [B',V]
+            if need - filled == 1:  # one token: the decoding step, on its thread count
+                with decode_threads(macs):
+                    logits = decode(tokens[:, 0], placement.cache, filled)  # [B',V]
+            else:  # a prefix or a chunk: the full forward, on the caller's threads
+                logits = model.forward_step(tokens, placement.cache, filled)[:, -1]
             stats.tokens_forwarded += need - filled
             placement.filled = need
             if callback is not None:

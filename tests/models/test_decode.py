@@ -1,0 +1,87 @@
+"""DecodeStep: the same function as GPT.forward_step for one token (packed oneDNN and plain
+kernels, with and without biases, any batch), the same cache writes; decode_threads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.models.decode import (
+    SINGLE_THREAD_MACS,
+    DecodeStep,
+    decode_threads,
+    onednn_usable,
+    step_macs,
+)
+from pipeline.models.gpt import GPT, GPTConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is faster, and immune to a busy second core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def model_for(**overrides) -> GPT:
+    base = dict(vocab_size=32, n_classes=3, block_size=12, n_layer=2, n_head=2, n_embd=32)
+    base.update(overrides)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**base)).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so that a dropped one shows
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.5)
+    return model
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [3, 5])
+def test_decode_step_matches_forward_step(packed, bias, batch):
+    model = model_for(bias=bias)
+    if packed and not onednn_usable(model.tok_emb.weight):
+        pytest.skip("oneDNN packed linears unavailable")
+    decode = DecodeStep(model, batch=4, packed=packed)  # packed for 4 rows, run on others
+    assert decode.packed is packed
+    idx = torch.randint(0, 32, (batch, 10))
+    idx[:, 0] = model.config.class_token(2)
+    with torch.inference_mode():
+        ref_cache, cache = model.new_cache(batch), model.new_cache(batch)
+        for pos in range(10):
+            ref = model.forward_step(idx[:, pos:pos + 1], ref_cache, pos)[:, 0]
+            got = decode(idx[:, pos], cache, pos)
+            assert got.shape == (batch, 32)
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache.data, ref_cache.data, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="exceeds"):
+            decode(idx[:, 0], cache, 12)
+
+
+def test_onednn_only_for_float32_cpu():
+    assert not onednn_usable(torch.zeros(2, dtype=torch.float64))
+    assert not onednn_usable(torch.zeros(2, dtype=torch.bfloat16))
+    model = model_for().to(torch.float64)
+    assert not DecodeStep(model, 2).packed  # falls back by itself
+    with torch.inference_mode():
+        out = DecodeStep(model, 2)(torch.tensor([1, 2]), model.new_cache(2), 0)
+    assert out.dtype == torch.float64
+
+
+def test_decode_threads_sets_and_restores():
+    assert step_macs(GPTConfig(vocab_size=512, n_layer=4, n_head=4, n_embd=256), 8) == (
+        8 * (4 * 12 * 256 * 256 + 256 * 512))
+    torch.set_num_threads(2)
+    try:
+        with decode_threads(SINGLE_THREAD_MACS - 1) as n:
+            assert n == 1 and torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with decode_threads(SINGLE_THREAD_MACS) as n:
+            assert n == 2 and torch.get_num_threads() == 2
+        with pytest.raises(KeyError), decode_threads(0):
+            raise KeyError("restored on errors too")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
