@@ -37,16 +37,10 @@ from bench.gpt_model import measure  # noqa: E402, I001
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.dag import Pipeline  # noqa: E402
-from pipeline.storage import Storage, join  # noqa: E402
-from pipeline.train.history import read_history  # noqa: E402
+from bench.stage_run import history_rate, run_stages, temp_root  # noqa: E402
+from pipeline.storage import join  # noqa: E402
 from stages.shard import STAGE as SHARD  # noqa: E402
 from stages.tokenize import STAGE as TOKENIZE  # noqa: E402
 from stages.train_transformer import STAGE as TRAIN_TRANSFORMER  # noqa: E402
@@ -82,7 +76,7 @@ MEASURED = [
 
 def overrides(root: str, steps: int, log_every: int) -> list[str]:
     """The full override list of the benchmark run under ``root``."""
-    return ["run=bench-gpt", f"storage.root={root}", "tracking.mode=disabled", "ray.num_cpus=2",
+    return ["run=bench-gpt", f"storage.root={root}", "tracking.mode=disabled",
             *UPSTREAM, *MEASURED, f"train_transformer.steps={steps}",
             f"train_transformer.log_every={log_every}",
             # Only at the last step (after the last history record): not in the timed interval.
@@ -90,34 +84,13 @@ def overrides(root: str, steps: int, log_every: int) -> list[str]:
             f"train_transformer.image_every={steps}"]
 
 
-def stage_figure(rows: list[dict[str, Any]]) -> tuple[float, list[float]]:
-    """(median tokens/s without the first, warm-up record; every record's tokens/s)."""
-    rates = [float(r["tokens_per_s"]) for r in rows if "tokens_per_s" in r]
-    if len(rates) < 2:
-        raise RuntimeError(f"history has {len(rates)} tokens_per_s records; need >= 2 "
-                           f"(raise --steps or lower --log-every)")
-    return statistics.median(rates[1:]), rates
-
-
 def run_stage(root: str, steps: int, log_every: int) -> dict[str, Any]:
     """Run shard → train_vqgan → tokenize → train_transformer under ``root``; returns the
     stage's figure, its records and its setup."""
-    import ray
-
-    pipe = Pipeline([SHARD, TRAIN_VQGAN, TOKENIZE, TRAIN_TRANSFORMER])
-    cfg = load_config(None, overrides(root, steps, log_every), pipe.schema)
-    # Workers' output stays out of this process's stdout, which holds only the JSON.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        t0 = time.perf_counter()
-        manifests = pipe.run(cfg)
-        seconds = time.perf_counter() - t0
-    finally:
-        ray.shutdown()
-    out = manifests["train_transformer"]
+    manifests, cfg, seconds = run_stages([SHARD, TRAIN_VQGAN, TOKENIZE, TRAIN_TRANSFORMER],
+                                         overrides(root, steps, log_every))
+    median, rates = history_rate(manifests["train_transformer"], "tokens_per_s")
     tok = manifests["tokenize"]["outputs"]
-    rows = read_history(Storage(), join(out["uri"], "history.jsonl"))
-    median, rates = stage_figure(rows)
     t = cfg.train_transformer
     return {
         "train_tok_s": round(median, 1),
@@ -139,12 +112,8 @@ def main() -> None:
     args = ap.parse_args()
 
     model = measure(threads=2, batch=8, steps=args.model_steps, warmup=3)
-    root = tempfile.mkdtemp(prefix="bench-gpt-")
-    try:
+    with temp_root("bench-gpt-", args.keep) as root:
         stage = run_stage(join(root, "runs"), args.steps, args.log_every)
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
     print(json.dumps({
         "model_step": model,
         "stage": stage,
