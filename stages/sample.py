@@ -219,4 +219,5 @@ def report(outputs: dict[str, Any]) -> dict[str, Any]:
 
 
 STAGE = Stage("sample", SampleConfig, run, upstream=("shard", "train_transformer"), version=1,
+              report=report,
               help="samples per class, high-resolution sliding-window samples, classifier check")
