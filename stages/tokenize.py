@@ -24,9 +24,9 @@ actor balances shards over actors as they free up.
 
 Exactness: the codes are ``VQGAN.encode(x).indices`` in fp32 for ``x`` the image's center crop
 as :func:`pipeline.data.loader.eval_batches` makes it, in minibatches of ``batch_size`` in shard
-order (with ``flip``, the flipped minibatch separately). ``decode_indices`` of them is the
-VQGAN's reconstruction of those images (``model(x).recon`` decodes the straight-through
-``z + (e - z)``, equal to the code vectors ``e`` up to float32 rounding).
+order (with ``flip``, the flipped minibatch separately). ``decode_indices`` of them equals the
+VQGAN's reconstruction ``model(x).recon`` of those images bit for bit (the quantizer's forward
+value is exactly the code vectors, see pipeline.models.quantize).
 
 Resume: a code shard whose sidecar matches (same input sha256, same VQGAN weights, same options,
 and the tar's size) is reused, anything else is written again; tars are byte-deterministic, so a
