@@ -3,6 +3,13 @@
 Model: GPT 4 layers, 4 heads, 256 wide, vocab 512 (random init, class-conditional with 10
 classes; a batch mixes classes), fp32, eval mode, ``torch.set_num_threads(--threads)``.
 
+Threads: the process runs with ``--threads`` intra-op threads (``threads`` in the output) and
+``OMP_WAIT_POLICY`` (``omp_wait_policy``). The samplers run their one-token steps on
+``decode_threads`` threads (:func:`pipeline.models.decode.decode_threads`: one for steps as small
+as these, restoring the setting after), with ``decode_kernels`` linears (``onednn-packed`` or
+``aten``); prefixes and chunks (sliding window, uncached) use all ``threads``. The pipeline's
+samplers do the same, so the cached figure does not depend on the wait policy.
+
 - ``cached``: :func:`pipeline.models.sampling.sample`, block 256, 256 new codes per row.
 - ``uncached``: :func:`sample_uncached` (full context every step, as the reference's ``sample``).
 - ``sliding``: :func:`sample_sliding` on a 32x32 grid with a 16x16 window (block 257).
@@ -14,6 +21,8 @@ tokens/s counts sampled codes of all rows of the batch (batch x codes / seconds)
 the best of ``--repeats`` runs (after a small warm-up of every path), with its wall and CPU
 seconds; the load average before and after is printed too (the machine may be shared).
 Reference code on this machine: ~1,480 tokens/s cached, ~25 tokens/s sliding window.
+Before :class:`~pipeline.models.decode.DecodeStep` (forward_step per token on 2 threads,
+PASSIVE): ~1,050-1,400 tokens/s cached.
 
 Usage: python bench/sample.py [--threads 2] [--batch 8] [--repeats 2] [--reference-rows 1]
        [--skip-uncached] [--bf16]
@@ -43,6 +52,11 @@ from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
+from pipeline.models.decode import (  # noqa: E402
+    DecodeStep,
+    decode_threads,
+    step_macs,
+)
 from pipeline.models.gpt import GPT, GPTConfig  # noqa: E402
 from pipeline.models.sampling import (  # noqa: E402
     sample,
@@ -65,6 +79,12 @@ def measure(result: dict[str, object], name: str, fn: Callable[[], object], toke
     result[f"{name}_tok_s"] = round(tokens / best[0], 1)
     result[f"{name}_s"] = round(best[0], 3)
     result[f"{name}_cpu_s"] = round(best[1], 3)
+
+
+def decode_threads_for(model: GPT, batch: int) -> int:
+    """Intra-op threads the samplers' one-token steps run with for ``batch`` rows."""
+    with decode_threads(step_macs(model.config, batch)) as n:
+        return n
 
 
 @torch.inference_mode()
@@ -105,6 +125,8 @@ def main() -> None:
         "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": b,
         "model": {**base, "dtype": "float32"},
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "decode_threads": decode_threads_for(model, b),
+        "decode_kernels": "onednn-packed" if DecodeStep(model, b).packed else "aten",
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
 

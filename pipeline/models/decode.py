@@ -120,6 +120,23 @@ def decode_threads(macs: int) -> Iterator[int]:
         torch.set_num_threads(threads)
 
 
+StepFn = Callable[[Tensor, KVCache, int], Tensor]
+
+
+def one_token_step(model: GPT, batch: int) -> StepFn:
+    """``step(idx [B], cache, pos) -> logits [B, vocab_size]`` for sampling: a
+    :class:`DecodeStep`, or ``model.forward_step`` where the parameters are not all
+    materialised (DeepSpeed ZeRO-3 partitions hold empty placeholders that its hooks gather
+    per module call, which a weight snapshot would bypass)."""
+    if all(p.numel() > 0 for p in model.parameters()):
+        return DecodeStep(model, batch)
+
+    def step(idx: Tensor, cache: KVCache, pos: int) -> Tensor:
+        return model.forward_step(idx[:, None], cache, pos)[:, -1]
+
+    return step
+
+
 class DecodeStep:
     """``step(idx, cache, pos)``: idx [B] (int64, one token per row at position ``pos``) ->
     logits [B, vocab_size] of the next code, keys/values of position ``pos`` written into

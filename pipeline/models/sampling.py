@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .decode import DecodeStep, decode_threads, step_macs
+from .decode import decode_threads, one_token_step, step_macs
 from .gpt import GPT, KVCache
 
 __all__ = [
@@ -202,7 +202,7 @@ def sample(
     s = _setup(model, n, cond, cfg_scale, generator, seed)
     batch = s.tokens.shape[0]
     cache = model.new_cache(batch, max_len=length)
-    decode = DecodeStep(model, batch)
+    decode = one_token_step(model, batch)
     out = torch.empty(n, length, dtype=torch.long, device=s.tokens.device)
     x = s.tokens[:, 0]  # [B'] tokens to feed next
     with decode_threads(step_macs(model.config, batch)):
@@ -309,7 +309,7 @@ def sample_sliding(
         raise ValueError(f"max_cached_windows: must be >= 1, got {max_cached_windows}")
     s = _setup(model, n, cond, cfg_scale, generator, seed)
     batch = s.tokens.shape[0]
-    decode, macs = DecodeStep(model, batch), step_macs(model.config, batch)
+    decode, macs = one_token_step(model, batch), step_macs(model.config, batch)
     codes = torch.zeros(n, big_h * big_w, dtype=torch.long, device=s.tokens.device)
     stats = SlidingStats(positions=big_h * big_w, reference_tokens=big_h * big_w * h * w)
     pool: dict[tuple[int, int], _Placement] = {}  # by window origin, least recent first

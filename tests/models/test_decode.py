@@ -10,6 +10,7 @@ from pipeline.models.decode import (
     SINGLE_THREAD_MACS,
     DecodeStep,
     decode_threads,
+    one_token_step,
     onednn_usable,
     step_macs,
 )
@@ -68,6 +69,21 @@ def test_onednn_only_for_float32_cpu():
     with torch.inference_mode():
         out = DecodeStep(model, 2)(torch.tensor([1, 2]), model.new_cache(2), 0)
     assert out.dtype == torch.float64
+
+
+def test_unmaterialised_parameters_fall_back_to_forward_step():
+    model = model_for()
+    assert isinstance(one_token_step(model, 2), DecodeStep)
+    calls = []
+    real = model.forward_step
+    model.forward_step = lambda *a, **k: calls.append(1) or real(*a, **k)
+    with torch.no_grad():  # a ZeRO-3 partitioned parameter is an empty placeholder
+        model.blocks[0].mlp.c_fc.bias.data = torch.empty(0)
+    step = one_token_step(model, 2)
+    assert not isinstance(step, DecodeStep)
+    with torch.inference_mode(), pytest.raises(RuntimeError):
+        step(torch.tensor([1, 2]), model.new_cache(2), 0)  # the real forward ran (and failed)
+    assert calls == [1]
 
 
 def test_decode_threads_sets_and_restores():
