@@ -26,16 +26,15 @@ idx [8,256] -> tok_emb + pos_emb [8,256,256] -> 4 blocks -> ln_f -> head [8,256,
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .export import Exportable
 
 WEIGHTS_NAME = "gpt.pt"
 CONFIG_NAME = "gpt.json"
@@ -241,13 +240,17 @@ class Block(nn.Module):
 # --- the model ----------------------------------------------------------------------------------
 
 
-class GPT(nn.Module):
+class GPT(Exportable, nn.Module):
     """Token + learned position embeddings, ``n_layer`` pre-LN blocks, final LN, a bias-free head
     over the ``vocab_size`` image codes.
 
     Every parameter lives in a submodule (``pos_emb`` is an ``nn.Embedding``, not a bare
     Parameter), so hooks that gather parameters per submodule (DeepSpeed ZeRO-3) see them all.
     """
+
+    weights_name = WEIGHTS_NAME
+    config_name = CONFIG_NAME
+    config_class = GPTConfig
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -411,60 +414,3 @@ class GPT(nn.Module):
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-
-    # -- export / import -------------------------------------------------------------------------
-
-    def export_state_dict(self) -> dict[str, Tensor]:
-        """fp32, CPU, contiguous copy of the state dict."""
-        return {
-            k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
-            for k, v in self.state_dict().items()
-        }
-
-    def state_bytes(self) -> bytes:
-        """The content of ``gpt.pt``: :meth:`export_state_dict` serialised by ``torch.save``.
-        Loadable with ``torch.load(..., weights_only=True)``."""
-        buf = io.BytesIO()
-        torch.save(self.export_state_dict(), buf)
-        return buf.getvalue()
-
-    def config_json(self) -> str:
-        """The content of ``gpt.json``."""
-        return json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_bytes(
-        cls, config: GPTConfig | dict[str, Any] | str | bytes, data: bytes,
-        map_location: str | torch.device = "cpu",
-    ) -> GPT:
-        """Build a model (eval mode) from ``gpt.json`` content (dataclass, dict or JSON text) and
-        ``gpt.pt`` bytes. Strict: missing or unexpected keys raise."""
-        if isinstance(config, str | bytes):
-            config = json.loads(config)
-        if isinstance(config, dict):
-            config = GPTConfig.from_dict(config)
-        model = cls(config)
-        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-        model.load_state_dict(state, strict=True)
-        return model.to(map_location).eval()
-
-    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
-        """Write ``gpt.pt`` and ``gpt.json`` into a local directory (created if needed). For
-        object storage, write :meth:`state_bytes` / :meth:`config_json` through the storage
-        layer instead."""
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, WEIGHTS_NAME), "wb") as f:
-            f.write(self.state_bytes())
-        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-            f.write(self.config_json())
-
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | os.PathLike[str], map_location: str | torch.device = "cpu"
-    ) -> GPT:
-        """Load what :meth:`save_pretrained` wrote (eval mode)."""
-        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
-            config = json.load(f)
-        with open(os.path.join(directory, WEIGHTS_NAME), "rb") as f:
-            data = f.read()
-        return cls.from_bytes(config, data, map_location=map_location)

@@ -15,9 +15,6 @@ Shapes for the f16 ImageNet config (ch 128, ch_mult (1,1,2,2,4), resolution 256)
 
 from __future__ import annotations
 
-import io
-import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
 
@@ -25,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .export import Exportable
 from .quantize import QuantizerConfig, QuantizerOutput, VectorQuantizer
 
 WEIGHTS_NAME = "vqgan.pt"
@@ -338,7 +336,7 @@ class VQGANTrainOutput(NamedTuple):
     last_input: Tensor
 
 
-class VQGAN(nn.Module):
+class VQGAN(Exportable, nn.Module):
     """Encoder -> quant_conv -> VectorQuantizer -> post_quant_conv -> Decoder.
 
     Images are float tensors in [-1, 1], [B, in_channels, H, W] with H, W multiples of the
@@ -349,6 +347,10 @@ class VQGAN(nn.Module):
     (~12% faster encoding measured here); training gained nothing from it. Without autograd the
     blocks also update their activations in place.
     """
+
+    weights_name = WEIGHTS_NAME
+    config_name = CONFIG_NAME
+    config_class = VQGANConfig
 
     def __init__(self, config: VQGANConfig) -> None:
         super().__init__()
@@ -392,60 +394,3 @@ class VQGAN(nn.Module):
         if return_last_input:
             return VQGANTrainOutput(recon, quant, last_input)
         return VQGANOutput(recon, quant)
-
-    # -- export / import -------------------------------------------------------------------------
-
-    def export_state_dict(self) -> dict[str, Tensor]:
-        """fp32, CPU, contiguous copy of the state dict (integer buffers keep their dtype)."""
-        return {
-            k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
-            for k, v in self.state_dict().items()
-        }
-
-    def state_bytes(self) -> bytes:
-        """The content of ``vqgan.pt``: :meth:`export_state_dict` serialised by ``torch.save``.
-        Loadable with ``torch.load(..., weights_only=True)``."""
-        buf = io.BytesIO()
-        torch.save(self.export_state_dict(), buf)
-        return buf.getvalue()
-
-    def config_json(self) -> str:
-        """The content of ``vqgan.json``."""
-        return json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_bytes(
-        cls, config: VQGANConfig | dict[str, Any] | str | bytes, data: bytes,
-        map_location: str | torch.device = "cpu",
-    ) -> VQGAN:
-        """Build a model (eval mode) from ``vqgan.json`` content (dataclass, dict or JSON text)
-        and ``vqgan.pt`` bytes. Strict: missing or unexpected keys raise."""
-        if isinstance(config, str | bytes):
-            config = json.loads(config)
-        if isinstance(config, dict):
-            config = VQGANConfig.from_dict(config)
-        model = cls(config)
-        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-        model.load_state_dict(state, strict=True)
-        return model.to(map_location).eval()
-
-    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
-        """Write ``vqgan.pt`` and ``vqgan.json`` into a local directory (created if needed).
-        For object storage, write :meth:`state_bytes` / :meth:`config_json` through the
-        storage layer instead."""
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, WEIGHTS_NAME), "wb") as f:
-            f.write(self.state_bytes())
-        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-            f.write(self.config_json())
-
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | os.PathLike[str], map_location: str | torch.device = "cpu"
-    ) -> VQGAN:
-        """Load what :meth:`save_pretrained` wrote (eval mode)."""
-        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
-            config = json.load(f)
-        with open(os.path.join(directory, WEIGHTS_NAME), "rb") as f:
-            data = f.read()
-        return cls.from_bytes(config, data, map_location=map_location)
