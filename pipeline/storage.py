@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -248,3 +248,23 @@ class Storage:
     def write_manifest(self, stage_uri: str, manifest: dict[str, Any]) -> None:
         """Write the manifest last: its presence marks the stage complete."""
         self.write_json(join(stage_uri, MANIFEST), manifest)
+
+
+def remove_strays(storage: Storage, folder: str, subs: Iterable[str], keep: set[str]) -> int:
+    """Delete every file below ``folder/<sub>`` (for each of ``subs``) that is an unfinished
+    temporary or not in ``keep`` (URIs), so a resumed stage's folder holds exactly what its
+    manifest lists (e.g. shards of a plan that changed). Returns how many were removed."""
+    removed = 0
+    for sub in subs:
+        fs, path = storage.fs(join(folder, sub))
+        try:
+            found = fs.find(path)
+        except FileNotFoundError:
+            continue
+        base = path.rstrip("/")
+        for p in found:
+            uri = join(folder, sub, p[len(base):].lstrip("/"))
+            if is_temporary(basename(p)) or uri not in keep:
+                fs.rm(p)
+                removed += 1
+    return removed

@@ -55,7 +55,13 @@ from pipeline.data.sources import (
     load_item,
     source_kind,
 )
-from pipeline.storage import Storage, basename, is_local, is_temporary, join, normalize_root
+from pipeline.storage import (
+    Storage,
+    is_local,
+    join,
+    normalize_root,
+    remove_strays,
+)
 
 log = logging.getLogger("pipeline")
 
@@ -442,26 +448,6 @@ def _warm_up(source: str) -> None:
         builtin.preload(source)
 
 
-def _remove_strays(storage: Storage, stage_uri: str, keep: set[str]) -> int:
-    """Delete unfinished temporaries and shards/sidecars not in this plan (from a changed
-    source) below train/, val/ and _parts/, so the folder holds exactly what the manifest lists.
-    """
-    removed = 0
-    for sub in (*SPLITS, *(f"{PARTS}/{s}" for s in SPLITS)):
-        fs, path = storage.fs(join(stage_uri, sub))
-        try:
-            found = fs.find(path)
-        except FileNotFoundError:
-            continue
-        base = path.rstrip("/")
-        for p in found:
-            uri = join(stage_uri, sub, p[len(base):].lstrip("/"))
-            if is_temporary(basename(p)) or uri not in keep:
-                fs.rm(p)
-                removed += 1
-    return removed
-
-
 def _absolute(source: str) -> str:
     """Local sources as absolute paths: Ray workers run in other folders."""
     if source.startswith("builtin:") or not is_local(source):
@@ -511,7 +497,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         raise ValueError(f"shard.source {cfg.source!r}: none of {len(items)} inputs is a valid "
                          f"image; reasons in {join(ctx.uri, SKIPPED)}")
     keep = {r["uri"] for r in results} | {s.part_uri for s in specs}
-    _remove_strays(storage, ctx.uri, keep)
+    remove_strays(storage, ctx.uri, (*SPLITS, *(f"{PARTS}/{s}" for s in SPLITS)), keep)
 
     fresh = [r for r in results if not r["cached"]]
     written = sum(r["samples"] for r in fresh)

@@ -55,7 +55,7 @@ import numpy as np
 from pipeline.config import ConfigError, no_fingerprint
 from pipeline.dag import Stage, StageContext
 from pipeline.data import codes, wds
-from pipeline.storage import Storage, basename, is_temporary, join
+from pipeline.storage import Storage, join, remove_strays
 
 log = logging.getLogger("pipeline")
 
@@ -506,26 +506,6 @@ def _rows(ds: Any, actors: int, cfg: TokenizeConfig) -> Iterator[dict[str, Any]]
             f"is busy or too small; lower tokenize.actors or tokenize.cpus_per_actor")
 
 
-def remove_strays(storage: Storage, stage_uri: str, keep: set[str]) -> int:
-    """Delete unfinished temporaries and files not in this plan below the split folders and
-    _parts/, so the folder holds exactly what the manifest lists."""
-    removed = 0
-    subs = {u.split("/")[0] for u in (k[len(stage_uri) + 1:] for k in keep)} | {PARTS}
-    for sub in sorted(subs):
-        fs, path = storage.fs(join(stage_uri, sub))
-        try:
-            found = fs.find(path)
-        except FileNotFoundError:
-            continue
-        base = path.rstrip("/")
-        for p in found:
-            uri = join(stage_uri, sub, p[len(base):].lstrip("/"))
-            if is_temporary(basename(p)) or uri not in keep:
-                fs.rm(p)
-                removed += 1
-    return removed
-
-
 def code_usage(hist: np.ndarray) -> dict[str, Any]:
     """Codes used, fraction of the codebook used, perplexity (exp entropy) of a histogram."""
     total = int(hist.sum())
@@ -581,8 +561,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     by_index = {t["index"]: s for t, s in zip(todo, fresh)}
     results = [c if c is not None else by_index[t["index"]] for t, c in zip(tasks, cached)]
-    remove_strays(storage, ctx.uri, {r["uri"] for r in results} |
-                  {t["part_uri"] for t in tasks})
+    keep = {r["uri"] for r in results} | {t["part_uri"] for t in tasks}
+    subs = {u[len(ctx.uri) + 1:].split("/")[0] for u in keep} | {PARTS}
+    remove_strays(storage, ctx.uri, sorted(subs), keep)
     return outputs_of(ctx, shard, export, opts, results, fresh, seconds, actors, use_gpu)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 from pipeline.config import ConfigError, no_fingerprint
 from pipeline.dag import Stage, StageContext
 from pipeline.storage import Storage, join
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import TrainConfig, crash_if_asked
 
 log = logging.getLogger("pipeline")
 
@@ -55,9 +54,6 @@ class TrainTransformerConfig(TrainConfig):
     samples_per_class: int = no_fingerprint(4)
     temperature: float = no_fingerprint(1.0)
     top_k: int = no_fingerprint(0)  # 0: off
-    # Test hooks: the last rank dies hard (os._exit) at this step once, leaving the marker file.
-    fault_step: int = no_fingerprint(-1)
-    fault_marker: str = no_fingerprint("")
 
     def validate(self) -> None:
         super().validate()
@@ -229,10 +225,7 @@ def gpt_worker(config: dict[str, Any]) -> None:
         state.step += 1
         state.samples_seen += cfg.global_batch
         state.data = {"position": position}
-        if state.step == cfg.fault_step and rank == world - 1 and cfg.fault_marker \
-                and not os.path.exists(cfg.fault_marker):
-            open(cfg.fault_marker, "w").close()
-            os._exit(1)  # test hook: a hard worker crash
+        crash_if_asked(cfg, state.step, rank, world)
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:
             elapsed = time.perf_counter() - t0
             tokens = (state.samples_seen - seen0) * data["length"]

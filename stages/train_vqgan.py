@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +27,7 @@ from pipeline.models.discriminator import DiscriminatorConfig
 from pipeline.models.loss import VQGANLossConfig
 from pipeline.models.vqgan import CONFIG_NAME, WEIGHTS_NAME, VQGANConfig
 from pipeline.storage import Storage, join
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import TrainConfig, crash_if_asked
 
 log = logging.getLogger("pipeline")
 
@@ -71,9 +70,6 @@ class TrainVQGANConfig(TrainConfig):
     eval_images: int = 512
     image_every: int = no_fingerprint(100)
     grid_images: int = no_fingerprint(16)
-    # Test hooks: the last rank dies hard (os._exit) at this step once, leaving the marker file.
-    fault_step: int = no_fingerprint(-1)
-    fault_marker: str = no_fingerprint("")
 
     def validate(self) -> None:
         super().validate()
@@ -244,10 +240,7 @@ def vqgan_worker(config: dict[str, Any]) -> None:
         state.step += 1
         state.samples_seen += cfg.global_batch
         state.data = {"position": position}
-        if state.step == cfg.fault_step and rank == world - 1 and cfg.fault_marker \
-                and not os.path.exists(cfg.fault_marker):
-            open(cfg.fault_marker, "w").close()
-            os._exit(1)  # test hook: a hard worker crash
+        crash_if_asked(cfg, state.step, rank, world)
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:
             elapsed = time.perf_counter() - t0
             logs.update({"lr": lr, "images_per_s": (state.samples_seen - seen0) / elapsed})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from pipeline.config import ConfigError, no_fingerprint
@@ -38,6 +39,9 @@ class TrainConfig:
     keep_checkpoints: int = no_fingerprint(2)
     max_failures: int = no_fingerprint(1)
     log_every: int = no_fingerprint(10)
+    # Test hooks: the last rank dies hard (os._exit) at this step once, leaving the marker file.
+    fault_step: int = no_fingerprint(-1)
+    fault_marker: str = no_fingerprint("")
 
     def validate(self) -> None:
         positive = ("steps", "micro_batch", "grad_accum", "num_workers", "checkpoint_every",
@@ -67,3 +71,13 @@ class TrainConfig:
     @property
     def global_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.num_workers
+
+
+def crash_if_asked(cfg: TrainConfig, step: int, rank: int, world: int) -> None:
+    """The failure-recovery test hook: at ``cfg.fault_step`` the last rank dies hard
+    (``os._exit``, no cleanup, like a lost node), once: the ``fault_marker`` file it leaves
+    stops the restarted run from dying again. No-op unless both are set."""
+    if step == cfg.fault_step and rank == world - 1 and cfg.fault_marker \
+            and not os.path.exists(cfg.fault_marker):
+        open(cfg.fault_marker, "w").close()
+        os._exit(1)
