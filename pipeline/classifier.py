@@ -2,9 +2,14 @@
 
 The sample stage asks: of the images generated for class k, what share does a classifier that
 only ever saw real images assign to k? For the digits demo that is the "are they recognisable"
-figure. Features are deliberately plain (gray, area-downsampled to ``side`` x ``side``,
-standardised) and the model is a multinomial logistic regression: it must be a fixed yardstick,
-not a model that could learn the generator's artefacts.
+figure. Features are deliberately plain (gray, area-downsampled to ``side`` x ``side``, each
+image standardised to zero mean and unit variance) and the model is a multinomial logistic
+regression: it must be a fixed yardstick, not a model that could learn the generator's artefacts.
+
+The per-image standardisation matters: a VQGAN's decodings are often dimmer and lower in contrast
+than its inputs, and a linear model on raw pixels reads that global shift as class evidence
+(measured on the digits demo: the same recognisable samples scored 19% with raw pixels and 99%
+standardised, while real val images score ~97% either way).
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ FEATURE_SIDE = 16
 
 
 def features(images: torch.Tensor, side: int = FEATURE_SIDE) -> np.ndarray:
-    """[N, 3, H, W] in [-1, 1] -> [N, side·side] float32: luma, area-resized to side x side."""
+    """[N, 3, H, W] in [-1, 1] -> [N, side·side] float32: luma, area-resized to side x side,
+    then per image zero mean and unit variance (brightness and contrast invariant)."""
     gray = images.float().mul(0.5).add(0.5).clamp(0, 1)
     gray = (gray * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    small = F.interpolate(gray, size=(side, side), mode="area")
-    return small.flatten(1).numpy().astype(np.float32)
+    small = F.interpolate(gray, size=(side, side), mode="area").flatten(1)
+    small = (small - small.mean(1, keepdim=True)) / (small.std(1, keepdim=True) + 1e-6)
+    return small.numpy().astype(np.float32)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -72,37 +72,53 @@ def _finished(storage: Storage, stage_uri: str, stage: str) -> dict[str, Any] | 
     return manifest if manifest is not None and manifest.get("stage") == stage else None
 
 
-def _newest(storage: Storage, run_uri: str, stage: str) -> dict[str, Any] | None:
-    """The most recently finished ``<stage>-<fp12>`` folder's manifest in a run folder."""
+def _newest(storage: Storage, run_uri: str, stage: str) -> str | None:
+    """The most recently finished ``<stage>-<fp12>`` folder of a run folder, or None."""
     found = []
     for uri in storage.listdir(run_uri):
         if re.fullmatch(rf"{stage}-[0-9a-f]{{12}}", basename(uri)):
             m = _finished(storage, uri, stage)
             if m is not None:
-                found.append(m)
-    return max(found, key=lambda m: m.get("finished_at", "")) if found else None
+                found.append((m.get("finished_at", ""), uri))
+    return max(found)[1] if found else None
+
+
+def _transformer_folder(storage: Storage, uri: str) -> str | None:
+    if _finished(storage, uri, TRANSFORMER) is not None:
+        return uri
+    run_json = join(uri, "run.json")
+    if storage.exists(run_json):
+        planned = storage.read_json(run_json).get("stages", {}).get(TRANSFORMER, {})
+        if planned.get("uri"):  # by name: the run folder may have been moved since
+            folder = join(uri, basename(planned["uri"]))
+            if _finished(storage, folder, TRANSFORMER) is not None:
+                return folder
+    return _newest(storage, uri, TRANSFORMER) if storage.exists(uri) else None
+
+
+def relocator(recorded_stage_uri: str, actual_stage_uri: str) -> Callable[[str], str]:
+    """Manifests record absolute URIs. When a run folder was copied or synced elsewhere (another
+    bucket, a laptop), map URIs under the recorded run folder onto the actual one."""
+    old = recorded_stage_uri.rstrip("/").rsplit("/", 1)[0] + "/"
+    new = actual_stage_uri.rstrip("/").rsplit("/", 1)[0] + "/"
+    return lambda u: new + u[len(old):] if u.startswith(old) else u
 
 
 def find_models(storage: Storage, uri: str) -> RunModels:
     """The models of a run. ``uri``: a run folder (``<root>/<run>``, holding run.json) or a
     finished train_transformer stage folder. Within a run folder, the train_transformer of the
-    last ``run`` (run.json) is used when it finished, else the most recently finished one.
-    FileNotFoundError saying what is missing otherwise."""
+    last ``run`` (run.json) is used when it finished, else the most recently finished one. The
+    run folder may have been moved or copied (:func:`relocator`). FileNotFoundError saying what
+    is missing otherwise."""
     uri = uri.rstrip("/")
-    manifest = _finished(storage, uri, TRANSFORMER)
-    run_uri = uri.rsplit("/", 1)[0] if manifest is not None else uri
-    if manifest is None:
-        run_json = join(uri, "run.json")
-        if storage.exists(run_json):
-            planned = storage.read_json(run_json).get("stages", {}).get(TRANSFORMER, {})
-            if planned.get("uri"):
-                manifest = _finished(storage, planned["uri"], TRANSFORMER)
-        if manifest is None and storage.exists(uri):
-            manifest = _newest(storage, uri, TRANSFORMER)
-    if manifest is None:
+    folder = _transformer_folder(storage, uri)
+    manifest = _finished(storage, folder, TRANSFORMER) if folder else None
+    if folder is None or manifest is None:
         raise FileNotFoundError(
             f"{uri}: no finished {TRANSFORMER} stage here (give a run folder <root>/<run> or a "
             f"{TRANSFORMER}-<fp> folder holding {MANIFEST}); run the pipeline first")
+    moved = relocator(manifest["uri"], folder)
+    run_uri = folder.rsplit("/", 1)[0]
     out = manifest["outputs"]
     vq_fp = manifest.get("upstream", {}).get(VQGAN_STAGE, "")
     vq_manifest = _finished(storage, join(run_uri, f"{VQGAN_STAGE}-{vq_fp[:12]}"), VQGAN_STAGE)
@@ -112,9 +128,9 @@ def find_models(storage: Storage, uri: str) -> RunModels:
     vq = vq_manifest["outputs"]["export"]
     h, w = out["grid"]
     return RunModels(
-        transformer_uri=manifest["uri"], gpt_weights=out["export"]["weights"],
-        gpt_config=out["export"]["config"], vqgan_weights=vq["weights"],
-        vqgan_config=vq["config"], grid=(int(h), int(w)),
+        transformer_uri=folder, gpt_weights=moved(out["export"]["weights"]),
+        gpt_config=moved(out["export"]["config"]), vqgan_weights=moved(vq["weights"]),
+        vqgan_config=moved(vq["config"]), grid=(int(h), int(w)),
         classes=[str(c) for c in out.get("classes", [])] if out.get("n_classes") else [])
 
 
@@ -255,5 +271,5 @@ def highres_png(images: torch.Tensor) -> np.ndarray:
 
 
 __all__ = ["Generated", "RunModels", "SampleOptions", "class_labels", "code_grid",
-           "display_factor", "find_models", "generate", "highres_png", "load_models",
+           "display_factor", "find_models", "generate", "highres_png", "load_models", "relocator",
            "sample_names", "write_pngs"]

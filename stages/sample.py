@@ -91,7 +91,8 @@ def check_with_classifier(storage: Storage, train: list[str], val: list[str], si
     clf = classifier.fit(real_batches(storage, train, size, limit), n_classes, seed)
     result: dict[str, Any] = {"train_images": clf.train_images,
                               "features": f"gray {classifier.FEATURE_SIDE}x"
-                                          f"{classifier.FEATURE_SIDE}, logistic regression"}
+                                          f"{classifier.FEATURE_SIDE}, standardised per image, "
+                                          "logistic regression"}
     if val:
         import torch
 
@@ -208,7 +209,7 @@ def report(outputs: dict[str, Any]) -> dict[str, Any]:
     hr = outputs.get("highres")
     if hr:
         h, w = hr["image_size"]
-        images.append((f"High resolution: {w}x{h} px from a {hr['code_grid'][0]}x"
+        images.append((f"High resolution: {h}x{w} px from a {hr['code_grid'][0]}x"
                        f"{hr['code_grid'][1]} code grid (sliding window)", hr["png"]))
     clf = outputs.get("classifier")
     if clf:

@@ -111,6 +111,27 @@ def test_sample_command(tiny_run, tmp_path):
         assert (out / f).read_bytes() == (again / f).read_bytes()
 
 
+def test_sample_command_on_a_run_copied_to_s3(tiny_run, s3_endpoint, s3_bucket):
+    """A run folder synced to object storage: manifests still name the local paths they were
+    written at; the command finds the models in the copy and writes its PNGs to the bucket."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    dest = f"{s3_bucket[len('s3://'):]}/synced/e2e"
+    for folder in [*tiny_run.glob("train_transformer-*"), *tiny_run.glob("train_vqgan-*")]:
+        for f in folder.rglob("*"):
+            if f.is_file() and "train" not in f.relative_to(folder).parts[:1]:  # no checkpoints
+                fs.put_file(str(f), f"{dest}/{folder.name}/{f.relative_to(folder)}")
+    fs.put_file(str(tiny_run / "run.json"), f"{dest}/run.json")
+    res = _sample_cli(f"{s3_bucket}/synced/e2e", "--n", "1", "--endpoint-url", s3_endpoint,
+                      "--out", f"{s3_bucket}/out")
+    assert res.returncode == 0, res.stderr
+    fs.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket[len('s3://'):]}/out"))
+    assert names == sorted([f"class-{k:03d}-{k}-000.png" for k in range(10)]
+                           + ["grid.png", "samples.json"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--size", "15x16"], "multiple of the VQGAN's downsampling factor 2"),
     (["--size", "8x8"], "smaller than the trained size 16x16"),
