@@ -10,7 +10,9 @@ same function as ``forward_step(idx[:, None], cache, pos)[:, 0]`` with
 - every Linear prepacked once for oneDNN (``torch.ops.mkldnn._linear_pointwise``, the kernels
   ``torch.compile`` uses for frozen CPU linears), with GELU and the residual add fused into the
   matmul that precedes them: ~30% less matmul time than ``F.linear`` at 8 rows;
-- a layer's key and value written into the cache with one copy, attention on views;
+- a layer's key and value written into the cache with one copy, attention on views; or, on
+  one thread where :func:`pipeline.models.native.load` built its C kernel, cache write and
+  attention in one call that streams each row's keys and values once (~20% of a step);
 - no module calls.
 
 Packing is private PyTorch API: where it is missing or fails (no oneDNN, not float32, not CPU,
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .gpt import GPT, GPTConfig, KVCache
 
 # Below this many multiply-adds per step (all Linears, all rows), :func:`decode_threads` uses one
@@ -76,6 +79,11 @@ def _onednn_pack(weight: Tensor, batch: int) -> Tensor:
     """[out, in] weight -> oneDNN's packed layout for inputs of ``batch`` rows (any row count
     works; ``batch`` picks the layout)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight, batch)
+
+
+def native_load() -> native.AttendFn | None:
+    """:func:`pipeline.models.native.load` (a seam for tests)."""
+    return native.load()
 
 
 def onednn_usable(weight: Tensor) -> bool:
@@ -147,14 +155,23 @@ class DecodeStep:
 
     Holds a snapshot of the weights, packed at construction for ``batch`` rows (other row
     counts work): build a new one after the model's weights change. ``packed=None`` uses oneDNN
-    where :func:`onednn_usable`, ``False`` forces plain ``F.linear``.
+    where :func:`onednn_usable`, ``False`` forces plain ``F.linear``. ``native=None`` uses the
+    C attention kernel where it loads (float32 on CPU, steps run on one thread), ``False``
+    never, ``True`` requires it (ValueError where it is not available).
     """
 
-    def __init__(self, model: GPT, batch: int, packed: bool | None = None) -> None:
+    def __init__(self, model: GPT, batch: int, packed: bool | None = None,
+                 native: bool | None = None) -> None:
         c = model.config
         self.config = c
         weight = model.tok_emb.weight
         self.packed = onednn_usable(weight) if packed is None else packed
+        cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+        self._attend = native_attend = None if native is False or not cpu_fp32 else native_load()
+        if native and native_attend is None:
+            raise ValueError("DecodeStep: the native attention kernel is not available"
+                             + ("" if cpu_fp32 else " (needs float32 on CPU)"))
+        self._scratch = torch.empty(0, dtype=torch.float32)
         if self.packed:
             self._linear, self._linear_gelu, self._linear_add = (
                 _onednn_linear, _onednn_linear_gelu, _onednn_linear_add)
@@ -186,17 +203,30 @@ class DecodeStep:
         if pos >= cache.max_len or pos >= c.block_size:
             raise ValueError(f"DecodeStep: position {pos} exceeds the cache ({cache.max_len}) "
                              f"or block_size ({c.block_size})")
-        b, nh, hd, width = idx.shape[0], c.n_head, c.head_dim, (c.n_embd,)
-        end = pos + 1
+        b, nh, width = idx.shape[0], c.n_head, (c.n_embd,)
         linear, linear_add = self._linear, self._linear_add
+        # the kernel is single-threaded: with more threads SDPA's parallel loops win
+        attend = self._attend if torch.get_num_threads() == 1 else None
+        if attend is not None and self._scratch.numel() <= pos:
+            self._scratch = torch.empty(cache.max_len, dtype=torch.float32)
         x = F.embedding(idx, self.tok) + self.pos[pos]  # [B,C]
         for i, (ln_1, attn, proj, ln_2, fc, out) in enumerate(self.layers):
             qkv = linear(F.layer_norm(x, width, *ln_1), *attn)  # [B,3C]: q, k, v
-            # k and v of position pos into cache.data[i, 0|1, :, :, pos] in one copy
             kv = cache.data[i]  # [2,B,nh,max_len,hd]
-            kv.select(3, pos).copy_(qkv[:, c.n_embd:].view(b, 2, nh, hd).transpose(0, 1))
-            y = F.scaled_dot_product_attention(  # one query: no mask
-                qkv[:, :c.n_embd].view(b, nh, 1, hd), kv[0, :, :, :end], kv[1, :, :, :end])
-            x = linear_add(y.reshape(b, c.n_embd), *proj, x)
+            if attend is not None:
+                y = torch.empty(b, c.n_embd, dtype=x.dtype)
+                attend(qkv, kv[0], kv[1], pos, nh, y, self._scratch)
+            else:
+                y = self._attend_torch(qkv, kv, pos).reshape(b, c.n_embd)
+            x = linear_add(y, *proj, x)
             x = linear_add(self._linear_gelu(F.layer_norm(x, width, *ln_2), *fc), *out, x)
         return linear(F.layer_norm(x, width, *self.ln_f), *self.head)
+
+    def _attend_torch(self, qkv: Tensor, kv: Tensor, pos: int) -> Tensor:
+        """k and v of ``qkv`` [B,3C] into ``kv`` [2,B,nh,max_len,hd] at ``pos`` (one copy),
+        then the query's attention over positions 0..pos -> [B,nh,1,hd]."""
+        c = self.config
+        b, nh, hd = qkv.shape[0], c.n_head, c.head_dim
+        kv.select(3, pos).copy_(qkv[:, c.n_embd:].view(b, 2, nh, hd).transpose(0, 1))
+        return F.scaled_dot_product_attention(  # one query: no mask
+            qkv[:, :c.n_embd].view(b, nh, 1, hd), kv[0, :, :, :pos + 1], kv[1, :, :, :pos + 1])

@@ -1,11 +1,13 @@
 """DecodeStep: the same function as GPT.forward_step for one token (packed oneDNN and plain
-kernels, with and without biases, any batch), the same cache writes; decode_threads."""
+kernels, native C or torch attention, with and without biases, any batch), the same cache
+writes; the native kernel against torch; decode_threads."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from pipeline.models import native as native_kernels
 from pipeline.models.decode import (
     SINGLE_THREAD_MACS,
     DecodeStep,
@@ -38,14 +40,17 @@ def model_for(**overrides) -> GPT:
     return model
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("batch", [3, 5])
-def test_decode_step_matches_forward_step(packed, bias, batch):
+def test_decode_step_matches_forward_step(native, packed, bias, batch):
     model = model_for(bias=bias)
     if packed and not onednn_usable(model.tok_emb.weight):
         pytest.skip("oneDNN packed linears unavailable")
-    decode = DecodeStep(model, batch=4, packed=packed)  # packed for 4 rows, run on others
+    if native and native_kernels.load() is None:
+        pytest.skip("no native attention kernel (no C compiler?)")
+    decode = DecodeStep(model, batch=4, packed=packed, native=native)  # packed for 4 rows
     assert decode.packed is packed
     idx = torch.randint(0, 32, (batch, 10))
     idx[:, 0] = model.config.class_token(2)
@@ -59,6 +64,32 @@ def test_decode_step_matches_forward_step(packed, bias, batch):
         torch.testing.assert_close(cache.data, ref_cache.data, atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="exceeds"):
             decode(idx[:, 0], cache, 12)
+
+
+def test_native_kernel_matches_torch_and_can_be_disabled(monkeypatch):
+    attend = native_kernels.load()
+    if attend is None:
+        pytest.skip("no native attention kernel (no C compiler?)")
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(4, 3 * 3 * 16, generator=gen)  # 4 rows, 3 heads of 16
+    cache = torch.randn(2, 4, 3, 20, 16, generator=gen)
+    ref_cache = cache.clone()
+    out, ref = torch.empty(4, 48), torch.empty(4, 48)
+    with torch.inference_mode():
+        for pos in (0, 7, 19):
+            attend(qkv, cache[0], cache[1], pos, 3, out, torch.empty(20))
+            native_kernels.reference_attend(qkv, ref_cache[0], ref_cache[1], pos, 3, ref,
+                                            torch.empty(20))
+            assert torch.equal(cache, ref_cache)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    native_kernels.load.cache_clear()
+    monkeypatch.setenv(native_kernels.ENV_DISABLE, "0")
+    try:
+        assert native_kernels.load() is None
+        with pytest.raises(ValueError, match="not available"):
+            DecodeStep(model_for(), 2, native=True)
+    finally:
+        native_kernels.load.cache_clear()
 
 
 def test_onednn_only_for_float32_cpu():
