@@ -6,9 +6,10 @@ classes; a batch mixes classes), fp32, eval mode, ``torch.set_num_threads(--thre
 Threads: the process runs with ``--threads`` intra-op threads (``threads`` in the output) and
 ``OMP_WAIT_POLICY`` (``omp_wait_policy``). The samplers run their one-token steps on
 ``decode_threads`` threads (:func:`pipeline.models.decode.decode_threads`: one for steps as small
-as these, restoring the setting after), with ``decode_kernels`` linears (``onednn-packed`` or
-``aten``); prefixes and chunks (sliding window, uncached) use all ``threads``. The pipeline's
-samplers do the same, so the cached figure does not depend on the wait policy.
+as these, restoring the setting after), with the ``decode_kernels`` kernel set (``native``: the C
+kernels of :mod:`pipeline.models.native`, built at first use with the system compiler;
+``onednn``; ``aten``); prefixes and chunks (sliding window, uncached) use all ``threads``. The
+pipeline's samplers do the same, so the cached figure does not depend on the wait policy.
 
 - ``cached``: :func:`pipeline.models.sampling.sample`, block 256, 256 new codes per row.
 - ``uncached``: :func:`sample_uncached` (full context every step, as the reference's ``sample``).
@@ -22,7 +23,8 @@ the best of ``--repeats`` runs (after a small warm-up of every path), with its w
 seconds; the load average before and after is printed too (the machine may be shared).
 Reference code on this machine: ~1,480 tokens/s cached, ~25 tokens/s sliding window.
 Before :class:`~pipeline.models.decode.DecodeStep` (forward_step per token on 2 threads,
-PASSIVE): ~1,050-1,400 tokens/s cached.
+PASSIVE): ~1,050-1,400 tokens/s cached; with its ``onednn`` kernels ~2,100-2,400, ``native``
+~3,000-3,400 (idle machine).
 
 Usage: python bench/sample.py [--threads 2] [--batch 8] [--repeats 2] [--reference-rows 1]
        [--skip-uncached] [--bf16]
@@ -87,6 +89,13 @@ def decode_threads_for(model: GPT, batch: int) -> int:
         return n
 
 
+def decode_kernels_for(model: GPT, batch: int) -> str:
+    """The kernel set (:data:`pipeline.models.decode.KERNELS`) of the samplers' one-token
+    steps for ``batch`` rows."""
+    with decode_threads(step_macs(model.config, batch)):
+        return DecodeStep(model, batch).kernels
+
+
 @torch.inference_mode()
 def full_window_rows(model: GPT, labels: torch.Tensor, grid: tuple[int, int],
                      window: tuple[int, int], rows: int) -> None:
@@ -126,7 +135,7 @@ def main() -> None:
         "model": {**base, "dtype": "float32"},
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "decode_threads": decode_threads_for(model, b),
-        "decode_kernels": "onednn-packed" if DecodeStep(model, b).packed else "aten",
+        "decode_kernels": decode_kernels_for(model, b),
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
 

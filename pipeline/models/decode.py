@@ -1,27 +1,32 @@
 """One-token decoding step of a :class:`~pipeline.models.gpt.GPT`, built for sampling on CPU.
 
 Why a second forward: at sampling sizes a step is tiny (bench config, GPT 4x256 wide, batch 8:
-~53 MFLOP, ~0.6 ms of matmul) but :meth:`GPT.forward_step` spends ~4-5 ms on it, in ~100 small
-ops (module calls, permute + unbind copies, two cache writes, separate bias / GELU / residual
-ops) and in streaming ~13 MB of weights and up to 16 MB of keys/values through the caches with
-a matmul kernel (MKL) that is slow for 8-row inputs on this CPU. :class:`DecodeStep` computes the
-same function as ``forward_step(idx[:, None], cache, pos)[:, 0]`` with
+~53 MFLOP) but :meth:`GPT.forward_step` spends ~4-5 ms on it, in ~100 small ops (module calls,
+permute + unbind copies, two cache writes, separate bias / GELU / residual ops) and in moving
+~13 MB of weights and up to 16 MB of keys/values through memory with kernels built for larger
+problems. :class:`DecodeStep` computes the same function as
+``forward_step(idx[:, None], cache, pos)[:, 0]`` with no module calls, views instead of copies,
+and one of three kernel sets (:data:`KERNELS`), chosen at construction:
 
-- every Linear prepacked once for oneDNN (``torch.ops.mkldnn._linear_pointwise``, the kernels
-  ``torch.compile`` uses for frozen CPU linears), with GELU and the residual add fused into the
-  matmul that precedes them: ~30% less matmul time than ``F.linear`` at 8 rows;
-- a layer's key and value written into the cache with one copy, attention on views; or, on
-  one thread where :func:`pipeline.models.native.load` built its C kernel, cache write and
-  attention in one call that streams each row's keys and values once (~20% of a step);
-- no module calls.
+- ``"native"``: the C kernels of :mod:`pipeline.models.native` (8-row AVX-512 linears with bias,
+  GELU and residual epilogues over prepacked weights; cache write + one-query attention in one
+  pass over each row's keys and values). Single-threaded; the default where they load and the
+  step is built on one thread (:func:`decode_threads`).
+- ``"onednn"``: every Linear prepacked for oneDNN (``torch.ops.mkldnn._linear_pointwise``, the
+  kernels ``torch.compile`` uses for frozen CPU linears) with GELU and the residual add fused;
+  cache write in one copy and ``scaled_dot_product_attention``. Multi-threaded.
+- ``"aten"``: ``F.linear`` and SDPA, wherever the others are unavailable.
 
-Packing is private PyTorch API: where it is missing or fails (no oneDNN, not float32, not CPU,
-``torch.backends.mkldnn.enabled`` off) the same step runs on ``F.linear``, a bit slower.
+Bench config on one thread of the idle 2-core Zen4, a step with its sampling: ~2.7 ms native,
+~3.5 ms oneDNN, ~4.5 ms aten; ``forward_step`` ~7-8 ms on 2 threads (PASSIVE), ~5 ms on one.
+
+Packing for oneDNN is private PyTorch API, and the native kernels need a C compiler: each falls
+back to the next set where it is missing or fails its check.
 
 Threads: a decode step is far too small to share between cores. Each parallel region costs a
-wake-up of the other OpenMP thread (tens of microseconds when it sleeps, as it does under
+wake-up of the other OpenMP thread (~100 us on this VM when it sleeps, as under
 ``OMP_WAIT_POLICY=PASSIVE``) and, on a busy machine, a wait for a descheduled thread, against
-matmuls of ~50-100 us. :func:`decode_threads` therefore runs small steps on one intra-op thread
+linears of ~50-100 us. :func:`decode_threads` therefore runs small steps on one intra-op thread
 and restores the caller's setting afterwards.
 """
 
@@ -29,6 +34,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,47 +50,65 @@ from .gpt import GPT, GPTConfig, KVCache
 # wake-up, on the caller's thread count.
 SINGLE_THREAD_MACS = 1 << 26
 
-LinearFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
-LinearAddFn = Callable[[Tensor, Tensor, Tensor | None, Tensor], Tensor]
+KERNELS = ("native", "onednn", "aten")
+
+Linear = tuple[Any, ...]  # a Linear's weights in the kernel set's form
 
 
-# --- linear kernels -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _LinearKernels:
+    """A kernel set's linears: ``pack`` an nn.Linear once; then ``linear(x, lin)``,
+    ``linear_gelu(x, lin)`` = GELU(linear), ``linear_add(x, lin, r)`` = linear + r."""
+
+    pack: Callable[[nn.Linear, int], Linear]
+    linear: Callable[[Tensor, Linear], Tensor]
+    linear_gelu: Callable[[Tensor, Linear], Tensor]
+    linear_add: Callable[[Tensor, Linear, Tensor], Tensor]
 
 
-def _aten_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    return F.linear(x, w, b)
+def _weights(m: nn.Linear) -> tuple[Tensor, Tensor | None]:
+    return m.weight.detach(), None if m.bias is None else m.bias.detach()
 
 
-def _aten_linear_gelu(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    return F.gelu(F.linear(x, w, b))
+def _aten_kernels() -> _LinearKernels:
+    return _LinearKernels(
+        pack=lambda m, batch: _weights(m),
+        linear=lambda x, lin: F.linear(x, *lin),
+        linear_gelu=lambda x, lin: F.gelu(F.linear(x, *lin)),
+        linear_add=lambda x, lin, r: F.linear(x, *lin).add_(r),
+    )
 
 
-def _aten_linear_add(x: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
-    return F.linear(x, w, b).add_(residual)
+def _onednn_kernels() -> _LinearKernels:
+    op = torch.ops.mkldnn._linear_pointwise
+
+    def pack(m: nn.Linear, batch: int) -> Linear:
+        w, b = _weights(m)
+        return torch.ops.mkldnn._reorder_linear_weight(w, batch), b  # layout for batch rows
+
+    return _LinearKernels(
+        pack=pack,
+        linear=lambda x, lin: op.default(x, *lin, "none", [], ""),
+        # "none": the exact (erf) GELU, as F.gelu's default
+        linear_gelu=lambda x, lin: op.default(x, *lin, "gelu", [], "none"),
+        linear_add=lambda x, lin, r: op.binary(x, r, *lin, "add"),
+    )
 
 
-def _onednn_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise.default(x, w, b, "none", [], "")
+def _native_kernels(kernels: native.Kernels) -> _LinearKernels:
+    fn = kernels.linear
+    assert fn is not None
 
+    def pack(m: nn.Linear, batch: int) -> Linear:
+        w, b = _weights(m)
+        return native.pack_linear(w), w.shape[0], b
 
-def _onednn_linear_gelu(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    # "none": the exact (erf) GELU, as F.gelu's default
-    return torch.ops.mkldnn._linear_pointwise.default(x, w, b, "gelu", [], "none")
-
-
-def _onednn_linear_add(x: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
-
-
-def _onednn_pack(weight: Tensor, batch: int) -> Tensor:
-    """[out, in] weight -> oneDNN's packed layout for inputs of ``batch`` rows (any row count
-    works; ``batch`` picks the layout)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight, batch)
-
-
-def native_load() -> native.AttendFn | None:
-    """:func:`pipeline.models.native.load` (a seam for tests)."""
-    return native.load()
+    return _LinearKernels(
+        pack=pack,
+        linear=lambda x, lin: fn(x, *lin, None, False),
+        linear_gelu=lambda x, lin: fn(x, *lin, None, True),
+        linear_add=lambda x, lin, r: fn(x, *lin, r, False),
+    )
 
 
 def onednn_usable(weight: Tensor) -> bool:
@@ -94,11 +119,27 @@ def onednn_usable(weight: Tensor) -> bool:
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
     try:
-        w = torch.ones(2, 2)
-        y = _onednn_linear(torch.ones(1, 2), _onednn_pack(w, 1), None)
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2), 1)
+        y = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 2), packed, None, "none", [], "")
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
     return bool(torch.equal(y, torch.full((1, 2), 2.0)))
+
+
+def native_kernels() -> native.Kernels | None:
+    """:func:`pipeline.models.native.load` where it has the linear kernel too (a seam for
+    tests)."""
+    kernels = native.load()
+    return kernels if kernels is not None and kernels.linear is not None else None
+
+
+def choose_kernels(weight: Tensor) -> str:
+    """The kernel set :class:`DecodeStep` uses by default for a model with ``weight``'s dtype and
+    device, built under the current thread count (module docstring)."""
+    cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+    if cpu_fp32 and torch.get_num_threads() == 1 and native_kernels() is not None:
+        return "native"
+    return "onednn" if onednn_usable(weight) else "aten"
 
 
 # --- the step -----------------------------------------------------------------------------------
@@ -135,7 +176,8 @@ def one_token_step(model: GPT, batch: int) -> StepFn:
     """``step(idx [B], cache, pos) -> logits [B, vocab_size]`` for sampling: a
     :class:`DecodeStep`, or ``model.forward_step`` where the parameters are not all
     materialised (DeepSpeed ZeRO-3 partitions hold empty placeholders that its hooks gather
-    per module call, which a weight snapshot would bypass)."""
+    per module call, which a weight snapshot would bypass). Build it under the thread count it
+    will run with."""
     if all(p.numel() > 0 for p in model.parameters()):
         return DecodeStep(model, batch)
 
@@ -154,35 +196,34 @@ class DecodeStep:
     ``torch.inference_mode``.
 
     Holds a snapshot of the weights, packed at construction for ``batch`` rows (other row
-    counts work): build a new one after the model's weights change. ``packed=None`` uses oneDNN
-    where :func:`onednn_usable`, ``False`` forces plain ``F.linear``. ``native=None`` uses the
-    C attention kernel where it loads (float32 on CPU, steps run on one thread), ``False``
-    never, ``True`` requires it (ValueError where it is not available).
+    counts work): build a new one after the model's weights change. ``kernels``: one of
+    :data:`KERNELS`, default :func:`choose_kernels`; ValueError where the requested set is not
+    available.
     """
 
-    def __init__(self, model: GPT, batch: int, packed: bool | None = None,
-                 native: bool | None = None) -> None:
+    def __init__(self, model: GPT, batch: int, kernels: str | None = None) -> None:
         c = model.config
         self.config = c
         weight = model.tok_emb.weight
-        self.packed = onednn_usable(weight) if packed is None else packed
-        cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
-        self._attend = native_attend = None if native is False or not cpu_fp32 else native_load()
-        if native and native_attend is None:
-            raise ValueError("DecodeStep: the native attention kernel is not available"
-                             + ("" if cpu_fp32 else " (needs float32 on CPU)"))
-        self._scratch = torch.empty(0, dtype=torch.float32)
-        if self.packed:
-            self._linear, self._linear_gelu, self._linear_add = (
-                _onednn_linear, _onednn_linear_gelu, _onednn_linear_add)
+        self.kernels = choose_kernels(weight) if kernels is None else kernels
+        self._attend: native.AttendFn | None = None
+        if self.kernels == "native":
+            loaded = native_kernels()
+            if loaded is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
+                raise ValueError("DecodeStep: the native kernels are not available (they need "
+                                 "a C compiler, AVX-512 and a float32 model on CPU)")
+            lk, self._attend = _native_kernels(loaded), loaded.attend
+        elif self.kernels == "onednn":
+            if not onednn_usable(weight):
+                raise ValueError("DecodeStep: oneDNN packed linears are not available")
+            lk = _onednn_kernels()
+        elif self.kernels == "aten":
+            lk = _aten_kernels()
         else:
-            self._linear, self._linear_gelu, self._linear_add = (
-                _aten_linear, _aten_linear_gelu, _aten_linear_add)
-
-        def lin(m: nn.Linear) -> tuple[Tensor, Tensor | None]:
-            w = m.weight.detach()
-            b = None if m.bias is None else m.bias.detach()
-            return (_onednn_pack(w, batch) if self.packed else w), b
+            raise ValueError(f"DecodeStep: kernels must be one of {KERNELS}, got {kernels!r}")
+        self._linear, self._linear_gelu, self._linear_add = (
+            lk.linear, lk.linear_gelu, lk.linear_add)
+        self._scratch = torch.empty(0, dtype=torch.float32)
 
         def norm(m: nn.LayerNorm) -> tuple[Tensor | None, Tensor | None, float]:
             return (None if m.weight is None else m.weight.detach(),
@@ -191,36 +232,33 @@ class DecodeStep:
         self.tok = weight.detach()
         self.pos = model.pos_emb.weight.detach()
         self.layers = [
-            (norm(blk.ln_1), lin(blk.attn.c_attn), lin(blk.attn.c_proj), norm(blk.ln_2),
-             lin(blk.mlp.c_fc), lin(blk.mlp.c_proj))
+            (norm(blk.ln_1), lk.pack(blk.attn.c_attn, batch), lk.pack(blk.attn.c_proj, batch),
+             norm(blk.ln_2), lk.pack(blk.mlp.c_fc, batch), lk.pack(blk.mlp.c_proj, batch))
             for blk in model.blocks
         ]
         self.ln_f = norm(model.ln_f)
-        self.head = lin(model.head)
+        self.head = lk.pack(model.head, batch)
 
     def __call__(self, idx: Tensor, cache: KVCache, pos: int) -> Tensor:
         c = self.config
         if pos >= cache.max_len or pos >= c.block_size:
             raise ValueError(f"DecodeStep: position {pos} exceeds the cache ({cache.max_len}) "
                              f"or block_size ({c.block_size})")
-        b, nh, width = idx.shape[0], c.n_head, (c.n_embd,)
-        linear, linear_add = self._linear, self._linear_add
-        # the kernel is single-threaded: with more threads SDPA's parallel loops win
-        attend = self._attend if torch.get_num_threads() == 1 else None
+        b, width = idx.shape[0], (c.n_embd,)
+        linear, linear_add, attend = self._linear, self._linear_add, self._attend
         if attend is not None and self._scratch.numel() <= pos:
             self._scratch = torch.empty(cache.max_len, dtype=torch.float32)
         x = F.embedding(idx, self.tok) + self.pos[pos]  # [B,C]
         for i, (ln_1, attn, proj, ln_2, fc, out) in enumerate(self.layers):
-            qkv = linear(F.layer_norm(x, width, *ln_1), *attn)  # [B,3C]: q, k, v
-            kv = cache.data[i]  # [2,B,nh,max_len,hd]
-            if attend is not None:
-                y = torch.empty(b, c.n_embd, dtype=x.dtype)
-                attend(qkv, kv[0], kv[1], pos, nh, y, self._scratch)
+            qkv = linear(F.layer_norm(x, width, *ln_1), attn)  # [B,3C]: q, k, v
+            if attend is not None:  # writes k, v at pos and attends, in one pass
+                y = torch.empty(b, c.n_embd, dtype=torch.float32)
+                attend(qkv, cache.k[i], cache.v[i], pos, c.n_head, y, self._scratch)
             else:
-                y = self._attend_torch(qkv, kv, pos).reshape(b, c.n_embd)
-            x = linear_add(y, *proj, x)
-            x = linear_add(self._linear_gelu(F.layer_norm(x, width, *ln_2), *fc), *out, x)
-        return linear(F.layer_norm(x, width, *self.ln_f), *self.head)
+                y = self._attend_torch(qkv, cache.data[i], pos).reshape(b, c.n_embd)
+            x = linear_add(y, proj, x)
+            x = linear_add(self._linear_gelu(F.layer_norm(x, width, *ln_2), fc), out, x)
+        return linear(F.layer_norm(x, width, *self.ln_f), self.head)
 
     def _attend_torch(self, qkv: Tensor, kv: Tensor, pos: int) -> Tensor:
         """k and v of ``qkv`` [B,3C] into ``kv`` [2,B,nh,max_len,hd] at ``pos`` (one copy),

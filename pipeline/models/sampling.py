@@ -202,10 +202,10 @@ def sample(
     s = _setup(model, n, cond, cfg_scale, generator, seed)
     batch = s.tokens.shape[0]
     cache = model.new_cache(batch, max_len=length)
-    decode = one_token_step(model, batch)
     out = torch.empty(n, length, dtype=torch.long, device=s.tokens.device)
     x = s.tokens[:, 0]  # [B'] tokens to feed next
     with decode_threads(step_macs(model.config, batch)):
+        decode = one_token_step(model, batch)  # kernels for the thread count it runs with
         for step in range(length):
             logits = decode(x, cache, step)  # [B',V]
             if callback is not None:
@@ -309,7 +309,9 @@ def sample_sliding(
         raise ValueError(f"max_cached_windows: must be >= 1, got {max_cached_windows}")
     s = _setup(model, n, cond, cfg_scale, generator, seed)
     batch = s.tokens.shape[0]
-    decode, macs = one_token_step(model, batch), step_macs(model.config, batch)
+    macs = step_macs(model.config, batch)
+    with decode_threads(macs):  # kernels for the thread count the one-token steps run with
+        decode = one_token_step(model, batch)
     codes = torch.zeros(n, big_h * big_w, dtype=torch.long, device=s.tokens.device)
     stats = SlidingStats(positions=big_h * big_w, reference_tokens=big_h * big_w * h * w)
     pool: dict[tuple[int, int], _Placement] = {}  # by window origin, least recent first

@@ -7,11 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.models import native as native_kernels
+from pipeline.models import native as native_kernels_mod
 from pipeline.models.decode import (
+    KERNELS,
     SINGLE_THREAD_MACS,
     DecodeStep,
+    choose_kernels,
     decode_threads,
+    native_kernels,
     one_token_step,
     onednn_usable,
     step_macs,
@@ -40,18 +43,17 @@ def model_for(**overrides) -> GPT:
     return model
 
 
-@pytest.mark.parametrize("native", [False, True])
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("batch", [3, 5])
-def test_decode_step_matches_forward_step(native, packed, bias, batch):
+@pytest.mark.parametrize("batch", [3, 5, 9])
+def test_decode_step_matches_forward_step(kernels, bias, batch):
     model = model_for(bias=bias)
-    if packed and not onednn_usable(model.tok_emb.weight):
+    if kernels == "onednn" and not onednn_usable(model.tok_emb.weight):
         pytest.skip("oneDNN packed linears unavailable")
-    if native and native_kernels.load() is None:
-        pytest.skip("no native attention kernel (no C compiler?)")
-    decode = DecodeStep(model, batch=4, packed=packed, native=native)  # packed for 4 rows
-    assert decode.packed is packed
+    if kernels == "native" and native_kernels() is None:
+        pytest.skip("no native kernels (no C compiler or no AVX-512?)")
+    decode = DecodeStep(model, batch=4, kernels=kernels)  # packed for 4 rows, run on others
+    assert decode.kernels == kernels
     idx = torch.randint(0, 32, (batch, 10))
     idx[:, 0] = model.config.class_token(2)
     with torch.inference_mode():
@@ -66,10 +68,10 @@ def test_decode_step_matches_forward_step(native, packed, bias, batch):
             decode(idx[:, 0], cache, 12)
 
 
-def test_native_kernel_matches_torch_and_can_be_disabled(monkeypatch):
-    attend = native_kernels.load()
-    if attend is None:
-        pytest.skip("no native attention kernel (no C compiler?)")
+def test_native_kernels_match_torch_and_can_be_disabled(monkeypatch):
+    kernels = native_kernels_mod.load()
+    if kernels is None:
+        pytest.skip("no native kernels (no C compiler?)")
     gen = torch.Generator().manual_seed(3)
     qkv = torch.randn(4, 3 * 3 * 16, generator=gen)  # 4 rows, 3 heads of 16
     cache = torch.randn(2, 4, 3, 20, 16, generator=gen)
@@ -77,26 +79,48 @@ def test_native_kernel_matches_torch_and_can_be_disabled(monkeypatch):
     out, ref = torch.empty(4, 48), torch.empty(4, 48)
     with torch.inference_mode():
         for pos in (0, 7, 19):
-            attend(qkv, cache[0], cache[1], pos, 3, out, torch.empty(20))
-            native_kernels.reference_attend(qkv, ref_cache[0], ref_cache[1], pos, 3, ref,
-                                            torch.empty(20))
+            kernels.attend(qkv, cache[0], cache[1], pos, 3, out, torch.empty(20))
+            native_kernels_mod.reference_attend(qkv, ref_cache[0], ref_cache[1], pos, 3, ref,
+                                                torch.empty(20))
             assert torch.equal(cache, ref_cache)
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    native_kernels.load.cache_clear()
-    monkeypatch.setenv(native_kernels.ENV_DISABLE, "0")
+        if kernels.linear is not None:
+            for m, k, n in ((8, 256, 768), (16, 64, 100), (5, 1024, 256)):
+                x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen) * 0.05
+                b, r = torch.randn(n, generator=gen), torch.randn(m, n, generator=gen)
+                packed = native_kernels_mod.pack_linear(w)
+                for bias, res, gelu in ((b, None, False), (b, None, True), (None, r, False)):
+                    torch.testing.assert_close(
+                        kernels.linear(x, packed, n, bias, res, gelu),
+                        native_kernels_mod.reference_linear(x, w, bias, res, gelu),
+                        rtol=1e-5, atol=1e-5)
+    native_kernels_mod.load.cache_clear()
+    monkeypatch.setenv(native_kernels_mod.ENV_DISABLE, "0")
     try:
-        assert native_kernels.load() is None
+        assert native_kernels_mod.load() is None
+        assert choose_kernels(torch.zeros(1)) != "native"
         with pytest.raises(ValueError, match="not available"):
-            DecodeStep(model_for(), 2, native=True)
+            DecodeStep(model_for(), 2, kernels="native")
     finally:
-        native_kernels.load.cache_clear()
+        native_kernels_mod.load.cache_clear()
+
+
+def test_default_kernels_follow_the_thread_count():
+    weight = torch.zeros(1)
+    if native_kernels() is not None:
+        assert choose_kernels(weight) == "native"  # this module runs on one thread
+    torch.set_num_threads(2)
+    try:
+        assert choose_kernels(weight) == ("onednn" if onednn_usable(weight) else "aten")
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_onednn_only_for_float32_cpu():
     assert not onednn_usable(torch.zeros(2, dtype=torch.float64))
     assert not onednn_usable(torch.zeros(2, dtype=torch.bfloat16))
     model = model_for().to(torch.float64)
-    assert not DecodeStep(model, 2).packed  # falls back by itself
+    assert DecodeStep(model, 2).kernels == "aten"  # falls back by itself
     with torch.inference_mode():
         out = DecodeStep(model, 2)(torch.tensor([1, 2]), model.new_cache(2), 0)
     assert out.dtype == torch.float64
