@@ -12,12 +12,13 @@ MKL GEMMs per (row, head). Measured at the bench config (2-core Zen4, idle), per
   bias, GELU and residual epilogues): 17 linears in ~0.9-1.1 ms instead of ~1.4-1.8 ms.
 
 Built lazily, once per process, with the system C compiler (``$CC``, else ``cc``/``gcc``) in a
-temporary directory removed after loading (~0.3 s): ``-march=native`` (the binary never leaves
-the process that built it) and glibc's libmvec for vectorised ``expf``/``erff``, falling back to
-plainer flags. The linear kernel needs AVX-512 (``Kernels.linear`` is None without it). Any
-failure (no compiler, build or load error, a self-test against the torch ops off by more than
-1e-5) leaves :func:`load` returning None and callers on the torch path. ``TAMING_NATIVE_KERNELS=0``
-disables them.
+temporary directory removed after loading (~1 s). Flags: ``-march=native`` (the binary never
+leaves the process that built it) and glibc's libmvec for vectorised ``expf``/``erff``, falling
+back to plainer ones. A probe executable runs the kernels first, so that an instruction the CPU
+lacks kills the probe, not the caller. The linear kernel needs AVX-512 (``Kernels.linear`` is
+None without it). Any failure (no compiler, build, probe or load error, a self-test against the
+torch ops off by more than 1e-5) leaves :func:`load` returning None and callers on the torch
+path. ``TAMING_NATIVE_KERNELS=0`` disables them.
 
 Numerics: fp32 throughout, the same formulas as the torch ops (max-subtracted softmax, exact erf
 GELU), sums in other orders: results agree with PyTorch's to ~1e-6 relative.
@@ -186,6 +187,22 @@ void linear_rows(const float* x, long M, long K, const float* wp, long N, const 
 #else
 int native_has_linear(void) { return 0; }
 #endif
+
+#ifdef NATIVE_PROBE
+/* A probe executable: runs every kernel once on small data, so that an instruction the CPU
+   lacks (SIGILL) kills this process rather than the caller's. */
+int main(void) {
+  /* attention: 8 rows, 1 head of 64, positions 0..3; linear: 8 x 64 -> 40 (2 blocks) */
+  static float a[8 * 3 * 64], kc[8 * 4 * 64], vc[8 * 4 * 64], w[2 * 64 * 32], o[8 * 64], s[4];
+  for (int i = 0; i < 8 * 3 * 64; ++i) a[i] = (float)(i % 7) * 0.1f;
+  for (int i = 0; i < 2 * 64 * 32; ++i) w[i] = (float)(i % 5) * 0.01f;
+  decode_attend(a, 3 * 64, kc, vc, 4 * 64, 4 * 64, 64, 8, 1, 64, 3, 0.125f, o, s);
+#ifdef __AVX512F__
+  linear_rows(a, 8, 64, w, 40, w, o, o, 1);
+#endif
+  return 0;
+}
+#endif
 """
 
 _COMMON = ["-shared", "-fPIC", "-fno-math-errno", "-fopenmp-simd"]
@@ -237,9 +254,14 @@ def _build(cc: str, flags: list[str], directory: str, name: str) -> ctypes.CDLL 
     lib = os.path.join(directory, f"{name}.so")
     with open(src, "w", encoding="utf-8") as f:
         f.write(_SOURCE)
+    probe = os.path.join(directory, f"{name}_probe")
+    exe_flags = [f for f in flags if f not in ("-shared", "-fPIC")]
     try:
         subprocess.run([cc, src, "-o", lib, *flags], check=True, capture_output=True,
                        timeout=120)
+        subprocess.run([cc, "-DNATIVE_PROBE", src, "-o", probe, *exe_flags], check=True,
+                       capture_output=True, timeout=120)
+        subprocess.run([probe], check=True, capture_output=True, timeout=30)
         return ctypes.CDLL(lib)
     except (OSError, subprocess.SubprocessError) as e:
         logger.debug("native kernel build failed (%s): %s", " ".join(flags), e)
@@ -271,6 +293,8 @@ def _wrap_linear(lib: ctypes.CDLL) -> LinearFn | None:
 
     def linear(x: Tensor, packed: Tensor, n_out: int, bias: Tensor | None,
                residual: Tensor | None, gelu: bool) -> Tensor:
+        x = x.contiguous()  # no-op for the decoder's activations; rows must be dense
+        residual = None if residual is None else residual.contiguous()
         m, k = x.shape
         y = torch.empty(m, n_out, dtype=torch.float32)
         fn(x.data_ptr(), m, k, packed.data_ptr(), n_out,
