@@ -368,15 +368,18 @@ def load() -> Kernels | None:
     if cc is None:
         logger.info("no C compiler: decoding steps stay on the torch kernels")
         return None
-    with tempfile.TemporaryDirectory(prefix="taming-native-") as directory:
-        for i, flags in enumerate(_FLAG_SETS):
-            lib = _build(cc, flags, directory, f"decode_{i}")  # the mapping outlives the file
-            if lib is None:
-                continue
-            kernels = Kernels(_wrap_attend(lib), _wrap_linear(lib))
-            with torch.inference_mode():
-                if _self_test(kernels):
-                    return kernels
-            logger.warning("native decoding kernels (%s) failed their self-test",
-                           " ".join(flags))
+    try:
+        with tempfile.TemporaryDirectory(prefix="taming-native-") as directory:
+            for i, flags in enumerate(_FLAG_SETS):
+                lib = _build(cc, flags, directory, f"decode_{i}")  # mapped: outlives the file
+                if lib is None:
+                    continue
+                kernels = Kernels(_wrap_attend(lib), _wrap_linear(lib))
+                with torch.inference_mode():
+                    if _self_test(kernels):
+                        return kernels
+                logger.warning("native decoding kernels (%s) failed their self-test",
+                               " ".join(flags))
+    except OSError as e:  # no writable temporary directory
+        logger.info("native decoding kernels not built: %s", e)
     return None
