@@ -198,7 +198,7 @@ class DecodeStep:
     Holds a snapshot of the weights, packed at construction for ``batch`` rows (other row
     counts work): build a new one after the model's weights change. ``kernels``: one of
     :data:`KERNELS`, default :func:`choose_kernels`; ValueError where the requested set is not
-    available.
+    available. Not for concurrent calls from several threads (one scratch buffer).
     """
 
     def __init__(self, model: GPT, batch: int, kernels: str | None = None) -> None:
