@@ -39,3 +39,13 @@ def single_thread():
 @pytest.fixture
 def images():
     return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """Tiny GPTs: one intra-op thread is faster, and immune to a busy second core (module-wide;
+    the previous thread count is restored after the module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
