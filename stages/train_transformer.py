@@ -222,11 +222,9 @@ def gpt_worker(config: dict[str, Any]) -> None:
             engine.backward(loss)
             engine.step()
             loss_sum += float(loss.detach()) / cfg.grad_accum
-        state.step += 1
-        state.samples_seen += cfg.global_batch
-        state.data = {"position": position}
+        state.advance(cfg.global_batch, position)
         crash_if_asked(cfg, state.step, rank, world)
-        if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+        if cfg.due(state.step, cfg.log_every):
             elapsed = time.perf_counter() - t0
             tokens = (state.samples_seen - seen0) * data["length"]
             logs = {"loss/train": loss_sum, "lr": lr, "tokens_per_s": tokens / elapsed}
@@ -235,14 +233,14 @@ def gpt_worker(config: dict[str, Any]) -> None:
                 history.append({"step": state.step, **logs})
                 history.flush()
             t0, seen0 = time.perf_counter(), state.samples_seen
-        if state.step % cfg.image_every == 0 or state.step == cfg.steps:
+        if cfg.due(state.step, cfg.image_every):
             plain = consolidated(engine, cfg, rank)  # collective under ZeRO-3
             if plain is not None:
                 image = sample_grid(plain, vqgan, data, cfg, state.step, seed)
                 storage.write_bytes(join(uri, "images", f"samples-{state.step:08d}.png"),
                                     png_bytes(image))
                 tracker.log_images({"samples": image}, step=state.step)
-        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+        if cfg.due(state.step, cfg.checkpoint_every):
             checkpoint.save({"GPT": engine}, state, {"loss/train": loss_sum})
 
     plain = consolidated(engine, cfg, rank)  # fp32 export, even from ZeRO-3 partitions

@@ -237,11 +237,9 @@ def vqgan_worker(config: dict[str, Any]) -> None:
             x, _, position = next(batches)
             for k, v in micro_step(g, d, loss_fn, x.to(dtype), state.step).items():
                 logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
-        state.step += 1
-        state.samples_seen += cfg.global_batch
-        state.data = {"position": position}
+        state.advance(cfg.global_batch, position)
         crash_if_asked(cfg, state.step, rank, world)
-        if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+        if cfg.due(state.step, cfg.log_every):
             elapsed = time.perf_counter() - t0
             logs.update({"lr": lr, "images_per_s": (state.samples_seen - seen0) / elapsed})
             tracker.log(logs, step=state.step)
@@ -249,9 +247,9 @@ def vqgan_worker(config: dict[str, Any]) -> None:
                 history.append({"step": state.step, **logs})
                 history.flush()
             t0, seen0 = time.perf_counter(), state.samples_seen
-        if rank == 0 and (state.step % cfg.image_every == 0 or state.step == cfg.steps):
+        if rank == 0 and cfg.due(state.step, cfg.image_every):
             save_grid(g.module, vis, storage, uri, state.step, tracker)
-        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+        if cfg.due(state.step, cfg.checkpoint_every):
             checkpoint.save({"G": g, "D": d}, state, logs)
 
     if rank == 0:

@@ -6,10 +6,19 @@ from __future__ import annotations
 import io
 import json
 import os
+from dataclasses import fields
 from typing import Any, ClassVar, Self
 
 import torch
 from torch import Tensor
+
+
+def check_keys(config_class: type, data: dict[str, Any]) -> None:
+    """ValueError naming the keys of ``data`` that are not fields of the dataclass
+    ``config_class`` (a typo in a saved config must not pass silently)."""
+    unknown = sorted(set(data) - {f.name for f in fields(config_class)})
+    if unknown:
+        raise ValueError(f"unknown {config_class.__name__} keys: {unknown}")
 
 
 class Exportable:

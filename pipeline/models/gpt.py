@@ -27,14 +27,14 @@ idx [8,256] -> tok_emb + pos_emb [8,256,256] -> 4 blocks -> ln_f -> head [8,256,
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .export import Exportable
+from .export import Exportable, check_keys
 
 WEIGHTS_NAME = "gpt.pt"
 CONFIG_NAME = "gpt.json"
@@ -103,10 +103,7 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise (a typo must not pass silently)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig keys: {unknown}")
+        check_keys(cls, data)
         return cls(**data)
 
 

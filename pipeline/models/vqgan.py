@@ -15,14 +15,14 @@ Shapes for the f16 ImageNet config (ch 128, ch_mult (1,1,2,2,4), resolution 256)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .export import Exportable
+from .export import Exportable, check_keys
 from .quantize import QuantizerConfig, QuantizerOutput, VectorQuantizer
 
 WEIGHTS_NAME = "vqgan.pt"
@@ -101,10 +101,7 @@ class VQGANConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VQGANConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise (a typo must not pass silently)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown VQGANConfig keys: {unknown}")
+        check_keys(cls, data)
         data = dict(data)
         for key in ("ch_mult", "attn_resolutions"):
             if key in data:

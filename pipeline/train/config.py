@@ -43,6 +43,11 @@ class TrainConfig:
     fault_step: int = no_fingerprint(-1)
     fault_marker: str = no_fingerprint("")
 
+    def due(self, step: int, every: int) -> bool:
+        """Whether periodic work with period ``every`` (logging, images, checkpoints) runs after
+        ``step``: every ``every`` steps and always after the last one."""
+        return step % every == 0 or step == self.steps
+
     def validate(self) -> None:
         positive = ("steps", "micro_batch", "grad_accum", "num_workers", "checkpoint_every",
                     "keep_checkpoints", "log_every")

@@ -23,6 +23,13 @@ class TrainState:
     samples_seen: int = 0
     data: dict[str, Any] = field(default_factory=dict)
 
+    def advance(self, samples: int, position: Any) -> None:
+        """One optimizer step done: ``samples`` more seen over all ranks, the loader now at
+        ``position``."""
+        self.step += 1
+        self.samples_seen += samples
+        self.data = {"position": position}
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
