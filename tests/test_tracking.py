@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -24,11 +25,20 @@ def test_resolve_mode():
     assert isinstance(spec.create(), NullTracker)
 
 
+_RUN_DIR = re.compile(r"offline-run-\d{8}_\d{6}-(?P<id>[a-z_]+-[0-9a-f]{16})(?:-\d+)?")
+
+
 def _offline_runs(wandb_dir: Path) -> dict[str, list[Path]]:
-    """W&B run id → its offline-run folders (one per process that opened it)."""
+    """W&B run id → its offline-run folders (one per process that opened it).
+
+    Folders are ``offline-run-YYYYmmdd_HHMMSS-<id>``; when a resumed run opens within the same
+    second as the first, W&B appends ``-1`` to keep the folder names apart, so strip that.
+    """
     runs: dict[str, list[Path]] = {}
     for d in sorted((wandb_dir / "wandb").glob("offline-run-*")):
-        run_id = d.name.split("-", 3)[3]
+        m = _RUN_DIR.fullmatch(d.name)
+        assert m, f"unexpected W&B folder {d.name}"
+        run_id = m.group("id")
         runs.setdefault(run_id, []).append(d)
     return runs
 
