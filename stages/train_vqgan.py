@@ -70,6 +70,10 @@ class TrainVQGANConfig(TrainConfig):
     eval_images: int = 512
     image_every: int = no_fingerprint(100)
     grid_images: int = no_fingerprint(16)
+    # fp32 on CPU: 3x3 convolutions (16+ px maps, <= 128 channels) by Winograd F(4x4, 3x3),
+    # ~1.3x faster steps (pipeline.models.winograd); results differ from oneDNN's direct
+    # convolution by ~1e-6 relative. Ignored on GPU and in bf16.
+    winograd: bool = no_fingerprint(True)
 
     def validate(self) -> None:
         super().validate()
@@ -189,6 +193,7 @@ def vqgan_worker(config: dict[str, Any]) -> None:
     from pipeline.models.discriminator import NLayerDiscriminator
     from pipeline.models.loss import VQGANLoss
     from pipeline.models.vqgan import VQGAN
+    from pipeline.models.winograd import enable_winograd
     from pipeline.tracking import NullTracker
     from pipeline.train import checkpoint
     from pipeline.train.engine import make_engine, set_lr
@@ -209,6 +214,11 @@ def vqgan_worker(config: dict[str, Any]) -> None:
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     if lpips is not None:
         lpips.to(dtype)
+    if cfg.winograd and not cfg.use_gpu and cfg.precision == "fp32":
+        convs = enable_winograd(model) + (enable_winograd(lpips) if lpips is not None else 0)
+        if rank == 0:
+            log.info("Winograd 3x3 convolutions: %d modules%s", convs,
+                     "" if convs else " (kernels unavailable here: direct convolutions)")
     loss_fn = VQGANLoss(cfg.loss, lpips)
     g, d = make_engine(model, cfg, world), make_engine(disc, cfg, world)
     state = checkpoint.restore({"G": g, "D": d})

@@ -242,18 +242,25 @@ def pack_linear(weight: Tensor) -> Tensor:
     return wt.view(k, blocks, BLOCK).permute(1, 0, 2).contiguous()
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
+    """The C compiler to build kernels with: ``$CC``, else ``cc``, else ``gcc``; None if none."""
     for name in (os.environ.get("CC"), "cc", "gcc"):
         if name and shutil.which(name):
             return name
     return None
 
 
-def _build(cc: str, flags: list[str], directory: str, name: str) -> ctypes.CDLL | None:
+def build_library(cc: str, flags: list[str], directory: str, name: str,
+                  source: str = _SOURCE) -> ctypes.CDLL | None:
+    """Compile ``source`` into ``directory/name.so`` and load it, or None on any failure.
+
+    A probe executable built from the same source with ``-DNATIVE_PROBE`` (the source's ``main``
+    runs every kernel once) runs first, so that an instruction this CPU lacks kills the probe,
+    not the caller."""
     src = os.path.join(directory, f"{name}.c")
     lib = os.path.join(directory, f"{name}.so")
     with open(src, "w", encoding="utf-8") as f:
-        f.write(_SOURCE)
+        f.write(source)
     probe = os.path.join(directory, f"{name}_probe")
     exe_flags = [f for f in flags if f not in ("-shared", "-fPIC")]
     try:
@@ -364,14 +371,15 @@ def load() -> Kernels | None:
     process (module docstring)."""
     if os.environ.get(ENV_DISABLE, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    cc = _compiler()
+    cc = compiler()
     if cc is None:
         logger.info("no C compiler: decoding steps stay on the torch kernels")
         return None
     try:
         with tempfile.TemporaryDirectory(prefix="taming-native-") as directory:
             for i, flags in enumerate(_FLAG_SETS):
-                lib = _build(cc, flags, directory, f"decode_{i}")  # mapped: outlives the file
+                # the mapped library outlives its file
+                lib = build_library(cc, flags, directory, f"decode_{i}")
                 if lib is None:
                     continue
                 kernels = Kernels(_wrap_attend(lib), _wrap_linear(lib))

@@ -1,0 +1,584 @@
+"""Winograd F(4x4, 3x3) convolution on CPU, fp32: 3x3 stride-1 convolutions with 4x fewer
+multiplications, forward and backward (optional, C transforms + batched GEMM).
+
+Why: the VQGAN's time on CPU is its 3x3 convolutions (encoder, decoder and the LPIPS VGG; about
+80% of a training step at 64 px), and oneDNN's direct convolution already runs them near this
+CPU's fp32 peak. Winograd's minimal filtering computes each 4x4 output tile from a 6x6 input tile
+with 36 products per input channel instead of 144: the work becomes 36 independent [T, C] x
+[C, C_out] matrix products (T = tiles, one ``torch.bmm``) between linear transforms that cost
+memory traffic, not multiplications. The transforms are C kernels (:data:`_SOURCE`), built at
+first use like :mod:`pipeline.models.native`'s and threaded with OpenMP (the libgomp torch
+already loaded).
+
+Gradients use the same pieces: d/dx is the same convolution of dy with the flipped, transposed
+kernel; d/dw multiplies the input transform by the transform of dy in the Winograd domain
+(``bmm(V^T, A dy A^T)``) and maps back with G^T . G; the bias gradient is a sum. No double
+backward (``once_differentiable``).
+
+Numerics: fp32 with the transforms' constants (up to 8): results differ from the direct
+convolution by ~1e-6..1e-5 relative (the direct one itself is ~1e-7 from float64), the usual
+price of Winograd (cuDNN picks it for fp32 too). Not bit-identical to ``F.conv2d``.
+
+Use: :func:`enable_winograd` turns the eligible ``nn.Conv2d`` modules of a model into
+:class:`WinogradConv2d` (same parameters and state dict). At run time a call takes the Winograd
+path only for float32 CPU tensors outside CPU autocast with both sides at least ``min_size``
+pixels; anything else (bf16 engines, GPU, small maps) runs ``nn.Conv2d``'s own forward. Without
+a C compiler, or with ``TAMING_NATIVE_KERNELS=0``, nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from .native import ENV_DISABLE, build_library, compiler
+
+logger = logging.getLogger(__name__)
+
+# Where Winograd pays on this project's 2-core Zen4 (fp32, batch 8; ms forward, direct/Winograd):
+# 64 ch at 64x64 11.8/6.7, at 32x32 2.8/1.9; 128 ch at 32x32 11.2/5.8, at 16x16 2.8/2.3,
+# at 8x8 0.7/0.9; 256 ch at 16x16 10.4/8.7 but its weight gradient 12.0/22.8; 512 ch at 8x8
+# 10.7/36.4 (the kernel's transform and the per-thread gradient buffers grow with C x C_out).
+DEFAULT_MIN_SIZE = 16
+DEFAULT_MAX_CHANNELS = 128
+
+_SOURCE = r"""
+/* Winograd F(4x4, 3x3) transforms for 3x3, stride-1, padding-1 convolutions: fp32, NCHW.
+
+   Tiles: th = ceil(H/4) rows by tw = ceil(W/4) columns per image; tile (a, b) produces output
+   rows 4a..4a+3, columns 4b..4b+3 and reads input rows 4a-1..4a+4, columns 4b-1..4b+4 (zeros
+   outside the image). T = N*th*tw tiles, tile index t = (n*th + a)*tw + b.
+   Work goes by chunks of TB consecutive tiles per thread: transform the chunk into [36][TB][C]
+   (36 independent [TB, C] matrices), multiply each by its [C, Co] kernel matrix, transform back.
+   A chunk's buffers stay in L2, so the transform domain (2.25x the input) never reaches memory.
+
+   Matrices (points 0, +-1, +-2, inf):
+     B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1]
+     A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]
+   Every kernel works on blocks of CB channels held as the innermost array dimension, so the
+   compiler vectorises across channels (one AVX-512 register per row element). */
+
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define CB 16
+
+/* out[i] = (B^T in)[i] for six rows of CB lanes. */
+static inline void bt6(float in[6][CB], float out[6][CB]) {
+  for (int k = 0; k < CB; ++k) {
+    const float d0 = in[0][k], d1 = in[1][k], d2 = in[2][k], d3 = in[3][k], d4 = in[4][k],
+                d5 = in[5][k];
+    out[0][k] = 4.f * d0 - 5.f * d2 + d4;
+    out[1][k] = -4.f * (d1 + d2) + d3 + d4;
+    out[2][k] = 4.f * (d1 - d2) - d3 + d4;
+    out[3][k] = 2.f * (d3 - d1) - d2 + d4;
+    out[4][k] = 2.f * (d1 - d3) - d2 + d4;
+    out[5][k] = 4.f * d1 - 5.f * d3 + d5;
+  }
+}
+
+/* out[i] = (A^T m)[i], i < 4. */
+static inline void at6(float m[6][CB], float out[4][CB]) {
+  for (int k = 0; k < CB; ++k) {
+    const float m0 = m[0][k], m1 = m[1][k], m2 = m[2][k], m3 = m[3][k], m4 = m[4][k],
+                m5 = m[5][k];
+    const float s12 = m1 + m2, d12 = m1 - m2, s34 = m3 + m4, d34 = m3 - m4;
+    out[0][k] = m0 + s12 + s34;
+    out[1][k] = d12 + 2.f * d34;
+    out[2][k] = s12 + 4.f * s34;
+    out[3][k] = d12 + 8.f * d34 + m5;
+  }
+}
+
+/* out[i] = (A y)[i], i < 6, for four rows y (the transpose of at6). */
+static inline void a4(float y[4][CB], float out[6][CB]) {
+  for (int k = 0; k < CB; ++k) {
+    const float y0 = y[0][k], y1 = y[1][k], y2 = y[2][k], y3 = y[3][k];
+    out[0][k] = y0;
+    out[1][k] = y0 + y1 + y2 + y3;
+    out[2][k] = y0 - y1 + y2 - y3;
+    out[3][k] = y0 + 2.f * y1 + 4.f * y2 + 8.f * y3;
+    out[4][k] = y0 - 2.f * y1 + 4.f * y2 - 8.f * y3;
+    out[5][k] = y3;
+  }
+}
+
+/* The 36 transformed vectors of input tile (n, a, b), channels c0..c0+kc-1 (kc <= CB; lanes
+   past kc are zero): dst[p*ds + k] = (B^T d B)[p/6][p%6] for channel c0+k. */
+static void input_tile(const float* x, long C, long H, long W, long n, long a, long b, long c0,
+                       long kc, float* dst, long ds) {
+  float d[6][6][CB], r[6][6][CB], col[6][CB], out[6][CB];
+  const long y0 = 4 * a - 1, x0 = 4 * b - 1;
+  const int inside = y0 >= 0 && y0 + 6 <= H && x0 >= 0 && x0 + 6 <= W;
+  if (!inside || kc < CB) memset(d, 0, sizeof d);
+  for (long k = 0; k < kc; ++k) {
+    const float* plane = x + ((n * C + c0 + k) * H) * W;
+    if (inside) {
+      for (int i = 0; i < 6; ++i) {
+        const float* row = plane + (y0 + i) * W + x0;
+        for (int j = 0; j < 6; ++j) d[i][j][k] = row[j];
+      }
+    } else {
+      for (int i = 0; i < 6; ++i) {
+        const long yy = y0 + i;
+        if (yy < 0 || yy >= H) continue;
+        for (int j = 0; j < 6; ++j) {
+          const long xx = x0 + j;
+          if (xx >= 0 && xx < W) d[i][j][k] = plane[yy * W + xx];
+        }
+      }
+    }
+  }
+  for (int j = 0; j < 6; ++j) { /* columns, then rows */
+    for (int i = 0; i < 6; ++i) memcpy(col[i], d[i][j], sizeof col[i]);
+    bt6(col, out);
+    for (int i = 0; i < 6; ++i) memcpy(r[i][j], out[i], sizeof out[i]);
+  }
+  for (int i = 0; i < 6; ++i) {
+    bt6(r[i], out);
+    for (int j = 0; j < 6; ++j) memcpy(dst + (6 * i + j) * ds, out[j], sizeof out[j]);
+  }
+}
+
+/* The A-transform (A g A^T) of the 4x4 output-gradient tile (n, a, b), channels c0..c0+kc-1:
+   dst[p*ds + k]. */
+static void grad_tile(const float* dy, long C, long H, long W, long n, long a, long b, long c0,
+                      long kc, float* dst, long ds) {
+  float g[4][4][CB], r[6][4][CB], col[4][CB], out[6][CB];
+  const long yb = 4 * a, xb = 4 * b;
+  const long hi = H - yb < 4 ? H - yb : 4, wj = W - xb < 4 ? W - xb : 4;
+  if (hi < 4 || wj < 4 || kc < CB) memset(g, 0, sizeof g);
+  for (long k = 0; k < kc; ++k) {
+    const float* plane = dy + ((n * C + c0 + k) * H) * W;
+    for (long i = 0; i < hi; ++i) {
+      const float* row = plane + (yb + i) * W + xb;
+      for (long j = 0; j < wj; ++j) g[i][j][k] = row[j];
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    for (int i = 0; i < 4; ++i) memcpy(col[i], g[i][j], sizeof col[i]);
+    a4(col, out);
+    for (int i = 0; i < 6; ++i) memcpy(r[i][j], out[i], sizeof out[i]);
+  }
+  for (int i = 0; i < 6; ++i) {
+    a4(r[i], out);
+    for (int j = 0; j < 6; ++j) memcpy(dst + (6 * i + j) * ds, out[j], sizeof out[j]);
+  }
+}
+
+/* y tile (n, a, b), channels c0..c0+kc-1, from src[p*ds + k]: A^T m A + bias. */
+static void output_tile(const float* src, long ds, const float* bias, float* y, long C, long H,
+                        long W, long n, long a, long b, long c0, long kc) {
+  float m[6][6][CB], r[4][6][CB], col[6][CB], out4[4][CB], o[4][4][CB], bv[CB];
+  for (long k = 0; k < CB; ++k) bv[k] = (bias && k < kc) ? bias[c0 + k] : 0.f;
+  for (int p = 0; p < 36; ++p) memcpy(m[p / 6][p % 6], src + p * ds, sizeof m[0][0]);
+  for (int j = 0; j < 6; ++j) {
+    for (int i = 0; i < 6; ++i) memcpy(col[i], m[i][j], sizeof col[i]);
+    at6(col, out4);
+    for (int i = 0; i < 4; ++i) memcpy(r[i][j], out4[i], sizeof out4[i]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    at6(r[i], out4);
+    for (int j = 0; j < 4; ++j)
+      for (int k = 0; k < CB; ++k) o[i][j][k] = out4[j][k] + bv[k];
+  }
+  const long yb = 4 * a, xb = 4 * b;
+  const long hi = H - yb < 4 ? H - yb : 4, wj = W - xb < 4 ? W - xb : 4;
+  for (long k = 0; k < kc; ++k) {
+    float* plane = y + ((n * C + c0 + k) * H) * W;
+    for (long i = 0; i < hi; ++i) {
+      float* row = plane + (yb + i) * W + xb;
+      for (long j = 0; j < wj; ++j) row[j] = o[i][j][k];
+    }
+  }
+}
+
+/* Cm[r][j] (+)= sum_k A(r, k) B[k][j] for r < rows, j < N (N a multiple of 16), k < K, with
+   A(r, k) = A[r*ars + k*aks], B row stride N, Cm row stride N. acc: add to Cm instead of
+   overwriting. Register blocks of 4 rows x 64 columns. */
+static void gemm(const float* A, long ars, long aks, long rows, long K, const float* B, long N,
+                 float* Cm, int acc) {
+#if defined(__AVX512F__)
+  for (long r0 = 0; r0 < rows; r0 += 4) {
+    const long mr = rows - r0 < 4 ? rows - r0 : 4;
+    for (long j0 = 0; j0 < N; j0 += 64) {
+      const long nv = (N - j0) / 16 < 4 ? (N - j0) / 16 : 4;
+      __m512 c[4][4];
+      for (long r = 0; r < 4; ++r)
+        for (long v = 0; v < 4; ++v) c[r][v] = _mm512_setzero_ps();
+      const float* a0 = A + r0 * ars;
+      if (mr == 4 && nv == 4) {
+        for (long k = 0; k < K; ++k) {
+          const float* bk = B + k * N + j0;
+          const __m512 b0 = _mm512_loadu_ps(bk), b1 = _mm512_loadu_ps(bk + 16),
+                       b2 = _mm512_loadu_ps(bk + 32), b3 = _mm512_loadu_ps(bk + 48);
+          const float* ak = a0 + k * aks;
+          for (long r = 0; r < 4; ++r) {
+            const __m512 av = _mm512_set1_ps(ak[r * ars]);
+            c[r][0] = _mm512_fmadd_ps(av, b0, c[r][0]);
+            c[r][1] = _mm512_fmadd_ps(av, b1, c[r][1]);
+            c[r][2] = _mm512_fmadd_ps(av, b2, c[r][2]);
+            c[r][3] = _mm512_fmadd_ps(av, b3, c[r][3]);
+          }
+        }
+      } else {
+        for (long k = 0; k < K; ++k) {
+          const float* bk = B + k * N + j0;
+          const float* ak = a0 + k * aks;
+          for (long r = 0; r < mr; ++r) {
+            const __m512 av = _mm512_set1_ps(ak[r * ars]);
+            for (long v = 0; v < nv; ++v)
+              c[r][v] = _mm512_fmadd_ps(av, _mm512_loadu_ps(bk + 16 * v), c[r][v]);
+          }
+        }
+      }
+      for (long r = 0; r < mr; ++r) {
+        float* cr = Cm + (r0 + r) * N + j0;
+        for (long v = 0; v < nv; ++v) {
+          __m512 val = c[r][v];
+          if (acc) val = _mm512_add_ps(val, _mm512_loadu_ps(cr + 16 * v));
+          _mm512_storeu_ps(cr + 16 * v, val);
+        }
+      }
+    }
+  }
+#else
+  for (long r = 0; r < rows; ++r) {
+    float* cr = Cm + r * N;
+    if (!acc) memset(cr, 0, N * sizeof(float));
+    for (long k = 0; k < K; ++k) {
+      const float av = A[r * ars + k * aks];
+      const float* bk = B + k * N;
+      for (long j = 0; j < N; ++j) cr[j] += av * bk[j];
+    }
+  }
+#endif
+}
+
+static long chunk_tiles(long C, long Co) {
+  /* ~256 KB per transform-domain buffer: the chunk's tiles stay in L2 between the steps */
+  const long widest = C > Co ? C : Co;
+  long tb = 65536 / (36 * widest);
+  tb = tb < 4 ? 4 : (tb > 64 ? 64 : tb);
+  return tb & ~3L;
+}
+
+/* y = conv3x3(x, w) + bias, stride 1, padding 1. x: [N, C, H, W]; U: [36][C][Co] (the
+   transformed kernel, contiguous); y: [N, Co, H, W]. C and Co multiples of 16. Fused per chunk
+   of tiles: input transform, 36 GEMMs, output transform, all in per-thread buffers. */
+void wino_conv(const float* x, long N, long C, long H, long W, const float* U, long Co,
+               const float* bias, float* y, int threads) {
+  const long th = (H + 3) / 4, tw = (W + 3) / 4, T = N * th * tw, TB = chunk_tiles(C, Co);
+  const long chunks = (T + TB - 1) / TB;
+#pragma omp parallel num_threads(threads)
+  {
+    float* V = aligned_alloc(64, sizeof(float) * 36 * TB * C);
+    float* M = aligned_alloc(64, sizeof(float) * 36 * TB * Co);
+#pragma omp for schedule(static)
+    for (long ch = 0; ch < chunks; ++ch) {
+      const long t0 = ch * TB, nt = T - t0 < TB ? T - t0 : TB;
+      for (long i = 0; i < nt; ++i) {
+        const long t = t0 + i, n = t / (th * tw), a = (t / tw) % th, b = t % tw;
+        for (long c0 = 0; c0 < C; c0 += CB)
+          input_tile(x, C, H, W, n, a, b, c0, CB, V + i * C + c0, TB * C);
+      }
+      for (int p = 0; p < 36; ++p)
+        gemm(V + p * TB * C, C, 1, nt, C, U + p * C * Co, Co, M + p * TB * Co, 0);
+      for (long i = 0; i < nt; ++i) {
+        const long t = t0 + i, n = t / (th * tw), a = (t / tw) % th, b = t % tw;
+        for (long c0 = 0; c0 < Co; c0 += CB)
+          output_tile(M + i * Co + c0, TB * Co, bias, y, Co, H, W, n, a, b, c0, CB);
+      }
+    }
+    free(V);
+    free(M);
+  }
+}
+
+/* dU[p] = sum over tiles of V[p]^T dM[p]: the weight gradient in the Winograd domain, for
+   x: [N, C, H, W] and dy: [N, Co, H, W]. dU: [threads][36][C][Co], one slice per thread
+   (summed by the caller). C and Co multiples of 16. */
+void wino_wgrad(const float* x, const float* dy, long N, long C, long H, long W, long Co,
+                float* dU, int threads) {
+  const long th = (H + 3) / 4, tw = (W + 3) / 4, T = N * th * tw, TB = chunk_tiles(C, Co);
+  const long chunks = (T + TB - 1) / TB;
+  memset(dU, 0, sizeof(float) * threads * 36 * C * Co);
+#pragma omp parallel num_threads(threads)
+  {
+    float* V = aligned_alloc(64, sizeof(float) * 36 * TB * C);
+    float* G = aligned_alloc(64, sizeof(float) * 36 * TB * Co);
+    float* mine = dU + (long)omp_get_thread_num() * 36 * C * Co;
+#pragma omp for schedule(static)
+    for (long ch = 0; ch < chunks; ++ch) {
+      const long t0 = ch * TB, nt = T - t0 < TB ? T - t0 : TB;
+      for (long i = 0; i < nt; ++i) {
+        const long t = t0 + i, n = t / (th * tw), a = (t / tw) % th, b = t % tw;
+        for (long c0 = 0; c0 < C; c0 += CB)
+          input_tile(x, C, H, W, n, a, b, c0, CB, V + i * C + c0, TB * C);
+        for (long c0 = 0; c0 < Co; c0 += CB)
+          grad_tile(dy, Co, H, W, n, a, b, c0, CB, G + i * Co + c0, TB * Co);
+      }
+      for (int p = 0; p < 36; ++p) /* rows: input channels; K: the chunk's tiles */
+        gemm(V + p * TB * C, 1, C, C, nt, G + p * TB * Co, Co, mine + p * C * Co, 1);
+    }
+    free(V);
+    free(G);
+  }
+}
+
+#ifdef NATIVE_PROBE
+int main(void) {
+  static float x[2 * 16 * 9 * 7], U[36 * 16 * 16], y[2 * 16 * 9 * 7], dU[2 * 36 * 16 * 16];
+  for (int i = 0; i < 2 * 16 * 9 * 7; ++i) x[i] = (float)(i % 13) - 6.f;
+  for (int i = 0; i < 36 * 16 * 16; ++i) U[i] = (float)(i % 7) - 3.f;
+  wino_conv(x, 2, 16, 9, 7, U, 16, 0, y, 2);
+  wino_wgrad(x, y, 2, 16, 9, 7, 16, dU, 2);
+  return 0;
+}
+#endif
+"""
+
+_FLAG_SETS = [
+    ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"],
+    ["-O2", "-fopenmp", "-shared", "-fPIC"],
+]
+
+# G (6x3) of F(4x4, 3x3): U = G w G^T maps a 3x3 kernel into the 6x6 Winograd domain.
+_G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                   [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+                  dtype=torch.float64)
+# kron(G, G): [36, 9], row 6i+l, column 3j+k = G[i, j] G[l, k]; U_flat = KG @ w_flat.
+_KG = torch.kron(_G, _G).float()
+
+_LONG, _PTR, _INT = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
+
+
+def weight_transform(weight: Tensor) -> Tensor:
+    """[C_out, C, 3, 3] -> U: [36, C, C_out] contiguous, U[p] = (G w G^T)[p]."""
+    co, c = weight.shape[:2]
+    # One [36, 9] x [9, C*C_out] product straight into the kernel's layout (7x faster at 128
+    # channels than transforming first and transposing after).
+    u = _KG.to(weight.dtype) @ weight.permute(2, 3, 1, 0).reshape(9, c * co)
+    return u.view(36, c, co)
+
+
+def weight_grad_from_domain(du: Tensor) -> Tensor:
+    """dU: [36, C, C_out] -> dw: [C_out, C, 3, 3] (the adjoint of :func:`weight_transform`)."""
+    _, c, co = du.shape
+    dw = _KG.t().to(du.dtype) @ du.reshape(36, c * co)  # [9, C*C_out]
+    return dw.view(3, 3, c, co).permute(3, 2, 0, 1).contiguous()
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The C kernels (module docstring); tensors float32, NCHW contiguous, channel counts
+    multiples of 16."""
+
+    lib: ctypes.CDLL
+
+    def conv(self, x: Tensor, u: Tensor, bias: Tensor | None) -> Tensor:
+        """x: [N, C, H, W], u: [36, C, C_out] from :func:`weight_transform` -> y: [N, C_out, H, W]
+        = conv3x3(x, w) + bias, padding 1."""
+        n, c, h, w = x.shape
+        y = torch.empty(n, u.shape[2], h, w)
+        self.lib.wino_conv(x.data_ptr(), n, c, h, w, u.data_ptr(), u.shape[2],
+                           None if bias is None else bias.data_ptr(), y.data_ptr(),
+                           torch.get_num_threads())
+        return y
+
+    def weight_grad(self, x: Tensor, dy: Tensor) -> Tensor:
+        """x: [N, C, H, W], dy: [N, C_out, H, W] -> dU: [36, C, C_out], the weight gradient in
+        the Winograd domain (:func:`weight_grad_from_domain` maps it back)."""
+        n, c, h, w = x.shape
+        threads = torch.get_num_threads()
+        du = torch.empty(threads, 36, c, dy.shape[1])
+        self.lib.wino_wgrad(x.data_ptr(), dy.data_ptr(), n, c, h, w, dy.shape[1],
+                            du.data_ptr(), threads)
+        return du.sum(0) if threads > 1 else du[0]
+
+
+def _conv(k: Kernels, x: Tensor, u: Tensor, bias: Tensor | None) -> Tensor:
+    return k.conv(x, u, None if bias is None else bias.contiguous())
+
+
+class _WinogradConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None,  # type: ignore[override]
+                k: Kernels, u: Tensor) -> Tensor:
+        """u: ``weight_transform(weight)`` (passed in so that callers may cache it)."""
+        x = x.contiguous()
+        ctx.save_for_backward(x, weight)
+        ctx.kernels, ctx.has_bias = k, bias is not None
+        return _conv(k, x, u, None if bias is None else bias.detach())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        k: Kernels = ctx.kernels
+        dy = dy.contiguous()
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:  # the same convolution with the flipped, transposed kernel
+            dx = _conv(k, dy, weight_transform(weight.transpose(0, 1).flip(2, 3)), None)
+        if ctx.needs_input_grad[1]:
+            dw = weight_grad_from_domain(k.weight_grad(x, dy))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum((0, 2, 3))
+        return dx, dw, db, None, None
+
+
+def winograd_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                    kernels: Kernels | None = None) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 kernel by Winograd F(4x4, 3x3).
+
+    x: [N, C, H, W] float32 on CPU; weight [C_out, C, 3, 3]. Differentiable in all three.
+    Raises RuntimeError where the kernels are unavailable (see :func:`load`)."""
+    k = kernels or load()
+    if k is None:
+        raise RuntimeError("Winograd kernels unavailable (no C compiler, or disabled)")
+    if weight.shape[2:] != (3, 3) or x.dim() != 4:
+        raise ValueError(f"need a 3x3 kernel and a 4-d input, got {tuple(weight.shape)}, "
+                         f"{tuple(x.shape)}")
+    return _WinogradConv.apply(x, weight, bias, k, weight_transform(weight.detach()))
+
+
+class WinogradConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` (3x3, stride 1, padding 1) whose eligible calls run by Winograd.
+
+    Made by :func:`enable_winograd` (class swap: parameters, buffers, hooks and state-dict keys
+    are untouched). A call goes to Winograd for float32 CPU tensors outside CPU autocast whose
+    height and width are at least ``winograd_min_size``; any other call is ``nn.Conv2d``'s."""
+
+    winograd_min_size: int = DEFAULT_MIN_SIZE
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = load()
+        if k is None or not self._winograd_call(x):
+            return super().forward(x)
+        return _WinogradConv.apply(x, self.weight, self.bias, k, self._transformed_weight())
+
+    def _transformed_weight(self) -> Tensor:
+        """weight_transform(weight); for a weight that is not being trained (inference, frozen
+        LPIPS) cached until it changes in place. A trained weight changes every step: no
+        cache, so nothing can go stale when an engine swaps parameter storage."""
+        w = self.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            self.__dict__.pop("_winograd_u", None)
+            return weight_transform(w.detach())
+        key = (w.data_ptr(), w._version)
+        cached = self.__dict__.get("_winograd_u")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, weight_transform(w))
+            self.__dict__["_winograd_u"] = cached
+        return cached[1]
+
+    def _winograd_call(self, x: Tensor) -> bool:
+        return (x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
+                and self.weight.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu")
+                and min(x.shape[2], x.shape[3]) >= self.winograd_min_size)
+
+
+def eligible(conv: nn.Module, max_channels: int = DEFAULT_MAX_CHANNELS) -> bool:
+    """A plain 3x3, stride-1, padding-1, ungrouped, zero-padded 2-d convolution whose channel
+    counts are multiples of 16 (the kernels' vector width) and at most ``max_channels``."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros"
+            and all(c % 16 == 0 and c <= max_channels
+                    for c in (conv.in_channels, conv.out_channels)))
+
+
+def enable_winograd(model: nn.Module, min_size: int = DEFAULT_MIN_SIZE,
+                    max_channels: int = DEFAULT_MAX_CHANNELS) -> int:
+    """Turn every eligible ``nn.Conv2d`` in ``model`` into a :class:`WinogradConv2d`; returns
+    how many. 0 (model untouched) where the kernels cannot be built here."""
+    if load() is None:
+        return 0
+    count = 0
+    for m in model.modules():
+        if eligible(m, max_channels):
+            m.__class__ = WinogradConv2d
+            m.winograd_min_size = min_size
+            count += 1
+    return count
+
+
+def disable_winograd(model: nn.Module) -> int:
+    """Undo :func:`enable_winograd`; returns how many modules went back to ``nn.Conv2d``."""
+    count = 0
+    for m in model.modules():
+        if type(m) is WinogradConv2d:
+            m.__class__ = nn.Conv2d
+            m.__dict__.pop("winograd_min_size", None)
+            m.__dict__.pop("_winograd_u", None)
+            count += 1
+    return count
+
+
+def _wrap(lib: ctypes.CDLL) -> Kernels:
+    lib.wino_conv.argtypes = [_PTR, _LONG, _LONG, _LONG, _LONG, _PTR, _LONG, _PTR, _PTR, _INT]
+    lib.wino_conv.restype = None
+    lib.wino_wgrad.argtypes = [_PTR, _PTR, _LONG, _LONG, _LONG, _LONG, _LONG, _PTR, _INT]
+    lib.wino_wgrad.restype = None
+    return Kernels(lib)
+
+
+def _self_test(k: Kernels) -> bool:
+    """Forward and all three gradients against F.conv2d on odd shapes (borders, channel
+    remainders), in float64 for the reference."""
+    gen = torch.Generator().manual_seed(0)
+    for n, c, co, h, w in ((2, 16, 32, 16, 16), (1, 32, 16, 13, 10), (2, 48, 80, 7, 9)):
+        x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
+        wt = torch.randn(co, c, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(co, generator=gen, dtype=torch.float64, requires_grad=True)
+        ref = F.conv2d(x, wt, b, padding=1)
+        dy = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+        ref_grads = torch.autograd.grad(ref, (x, wt, b), dy)
+        xf, wf, bf = (t.detach().float().requires_grad_() for t in (x, wt, b))
+        y = _WinogradConv.apply(xf, wf, bf, k, weight_transform(wf.detach()))
+        grads = torch.autograd.grad(y, (xf, wf, bf), dy.float())
+        for got, want in zip((y, *grads), (ref, *ref_grads), strict=True):
+            scale = want.abs().max().item()
+            if (got.double() - want).abs().max().item() > 1e-4 * scale:
+                return False
+    return True
+
+
+@functools.cache
+def load() -> Kernels | None:
+    """The compiled :class:`Kernels`, or None where unavailable (no compiler, build or self-test
+    failure, ``TAMING_NATIVE_KERNELS=0``). Built once per process (~1 s)."""
+    if os.environ.get(ENV_DISABLE, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    cc = compiler()
+    if cc is None:
+        logger.info("no C compiler: convolutions stay on oneDNN's direct kernels")
+        return None
+    try:
+        with tempfile.TemporaryDirectory(prefix="taming-winograd-") as directory:
+            for i, flags in enumerate(_FLAG_SETS):
+                lib = build_library(cc, flags, directory, f"winograd_{i}", _SOURCE)
+                if lib is None:
+                    continue
+                k = _wrap(lib)
+                if _self_test(k):
+                    return k
+                logger.warning("Winograd kernels (%s) failed their self-test", " ".join(flags))
+    except OSError as e:
+        logger.info("Winograd kernels not built: %s", e)
+    return None

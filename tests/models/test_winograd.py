@@ -1,0 +1,152 @@
+"""Winograd F(4x4, 3x3) convolutions: the C kernels against F.conv2d, the module swap, fallbacks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.models import VQGAN, VQGANConfig
+from pipeline.models.winograd import (
+    WinogradConv2d,
+    disable_winograd,
+    eligible,
+    enable_winograd,
+    load,
+    weight_grad_from_domain,
+    weight_transform,
+    winograd_conv2d,
+)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    k = load()
+    if k is None:
+        # CI machines have a C compiler: a build failure there is a failure, not a skip.
+        assert shutil.which("cc") is None and shutil.which("gcc") is None, "kernels did not build"
+        pytest.skip("no C compiler")
+    return k
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().double(), want.detach()
+    return float((got - want).abs().max() / want.abs().max())
+
+
+@pytest.mark.parametrize("n,c,co,h,w,bias", [
+    (2, 16, 32, 16, 16, True),   # whole tiles
+    (1, 32, 16, 13, 10, False),  # partial tiles at the bottom and right borders
+    (3, 48, 80, 7, 9, True),     # channel counts past one 64-column GEMM block
+    (2, 64, 64, 33, 4, True),    # one tile column
+])
+def test_forward_and_gradients_match_conv2d(kernels, n, c, co, h, w, bias):
+    gen = torch.Generator().manual_seed(n * h + w)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
+    wt = torch.randn(co, c, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(co, generator=gen, dtype=torch.float64, requires_grad=True) if bias else None
+    ref = F.conv2d(x, wt, b, padding=1)
+    dy = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    inputs = (x, wt) + ((b,) if bias else ())
+    ref_grads = torch.autograd.grad(ref, inputs, dy)
+
+    xf = x.detach().float().requires_grad_()
+    wf = wt.detach().float().requires_grad_()
+    bf = b.detach().float().requires_grad_() if bias else None
+    y = winograd_conv2d(xf, wf, bf, kernels)
+    grads = torch.autograd.grad(y, (xf, wf) + ((bf,) if bias else ()), dy.float())
+    # fp32 Winograd: ~1e-6 relative to the float64 result (direct fp32 is ~1e-7)
+    assert _rel_err(y, ref) < 5e-5
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert _rel_err(got, want) < 5e-5
+
+
+def test_weight_transform_and_its_adjoint():
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    g = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                      [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+                     dtype=torch.float64)
+    u = weight_transform(w.float())  # [36, C, C_out]
+    want = torch.einsum("ij,ocjk,lk->ilco", g, w, g).reshape(36, 3, 5)
+    assert torch.allclose(u.double(), want, atol=1e-6)
+    # <U(w), dU> == <w, U^T(dU)>: the weight gradient is the transform's adjoint
+    du = torch.randn(36, 3, 5, dtype=torch.float64)
+    lhs = float((want * du).sum())
+    rhs = float((w * weight_grad_from_domain(du.float()).double()).sum())
+    assert lhs == pytest.approx(rhs, rel=1e-5)
+
+
+def test_enable_swaps_only_eligible_convs_and_keeps_the_state_dict(kernels):
+    torch.manual_seed(0)
+    cfg = VQGANConfig(resolution=32, ch=32, ch_mult=[1, 2], num_res_blocks=1,
+                      attn_resolutions=[], z_channels=32, embed_dim=16, n_embed=64)
+    model = VQGAN(cfg)
+    reference = VQGAN(cfg)
+    reference.load_state_dict(model.state_dict())
+    keys = list(model.state_dict())
+    n_eligible = sum(eligible(m) for m in model.modules())
+    assert enable_winograd(model) == n_eligible > 0
+    assert list(model.state_dict()) == keys
+    # conv_in (3 channels), conv_out (3), strided downsampling and 1x1 convs stay direct
+    assert type(model.encoder.conv_in) is nn.Conv2d
+    assert type(model.decoder.conv_out) is nn.Conv2d
+    assert isinstance(model.encoder.down[0].block[0].conv1, WinogradConv2d)
+
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    out, ref = model(x), reference(x)
+    assert torch.allclose(out.recon, ref.recon, atol=1e-4)
+    out.recon.square().mean().backward()
+    ref.recon.square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-5), name
+
+    assert disable_winograd(model) == n_eligible
+    assert not any(isinstance(m, WinogradConv2d) for m in model.modules())
+
+
+def test_inference_cache_follows_in_place_weight_changes(kernels):
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    enable_winograd(conv)
+    x = torch.randn(2, 16, 16, 16)
+    with torch.inference_mode():
+        first = conv(x)
+        assert torch.allclose(first, F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4)
+        assert torch.equal(conv(x), first)  # the cached transform
+    with torch.no_grad():
+        conv.weight.mul_(2)
+    with torch.inference_mode():
+        second = conv(x)
+    assert torch.allclose(second, F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4)
+    assert not torch.allclose(second, first, atol=1e-2)
+
+
+def test_direct_path_where_winograd_does_not_pay_or_apply(kernels):
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    enable_winograd(conv, min_size=16)
+    small = torch.randn(2, 16, 8, 8)  # below min_size: exactly nn.Conv2d's result
+    assert torch.equal(conv(small), F.conv2d(small, conv.weight, conv.bias, padding=1))
+    big = torch.randn(2, 16, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: oneDNN's bf16 convolution
+        assert conv(big).dtype == torch.bfloat16
+    assert not eligible(nn.Conv2d(16, 16, 3, padding=1, stride=2))
+    assert not eligible(nn.Conv2d(3, 16, 3, padding=1))  # channels not a multiple of 16
+    assert not eligible(nn.Conv2d(256, 256, 3, padding=1))  # past max_channels (slower there)
+    assert eligible(nn.Conv2d(256, 256, 3, padding=1), max_channels=256)
+
+
+def test_disabled_by_environment_leaves_models_alone():
+    code = ("import torch.nn as nn\n"
+            "from pipeline.models.winograd import enable_winograd, load\n"
+            "m = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1))\n"
+            "print(load() is None, enable_winograd(m), type(m[0]).__name__)\n")
+    env = {**os.environ, "TAMING_NATIVE_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.split() == ["True", "0", "Conv2d"]
