@@ -36,6 +36,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -365,29 +366,47 @@ def _self_test(kernels: Kernels) -> bool:
     return True
 
 
-@functools.cache
-def load() -> Kernels | None:
-    """The compiled :class:`Kernels`, or None where they are not available. Built once per
-    process (module docstring)."""
+K = TypeVar("K")
+
+
+def build_checked(what: str, source: str, flag_sets: list[list[str]],
+                  wrap: Callable[[ctypes.CDLL], K], self_test: Callable[[K], bool]) -> K | None:
+    """Build ``source`` with the first of ``flag_sets`` that compiles, passes its probe and
+    whose ``wrap``-ped kernels pass ``self_test``; None if none does, if there is no C
+    compiler, or with ``TAMING_NATIVE_KERNELS=0``. ``what`` names the kernels in the logs."""
     if os.environ.get(ENV_DISABLE, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     cc = compiler()
     if cc is None:
-        logger.info("no C compiler: decoding steps stay on the torch kernels")
+        logger.info("no C compiler: %s kernels not built, PyTorch's are used", what)
         return None
     try:
         with tempfile.TemporaryDirectory(prefix="taming-native-") as directory:
-            for i, flags in enumerate(_FLAG_SETS):
+            for i, flags in enumerate(flag_sets):
                 # the mapped library outlives its file
-                lib = build_library(cc, flags, directory, f"decode_{i}")
+                lib = build_library(cc, flags, directory, f"kernels_{i}", source)
                 if lib is None:
                     continue
-                kernels = Kernels(_wrap_attend(lib), _wrap_linear(lib))
-                with torch.inference_mode():
-                    if _self_test(kernels):
-                        return kernels
-                logger.warning("native decoding kernels (%s) failed their self-test",
-                               " ".join(flags))
+                kernels = wrap(lib)
+                if self_test(kernels):
+                    return kernels
+                logger.warning("%s kernels (%s) failed their self-test", what, " ".join(flags))
     except OSError as e:  # no writable temporary directory
-        logger.info("native decoding kernels not built: %s", e)
+        logger.info("%s kernels not built: %s", what, e)
     return None
+
+
+def _wrap(lib: ctypes.CDLL) -> Kernels:
+    return Kernels(_wrap_attend(lib), _wrap_linear(lib))
+
+
+def _self_test_no_grad(kernels: Kernels) -> bool:
+    with torch.inference_mode():
+        return _self_test(kernels)
+
+
+@functools.cache
+def load() -> Kernels | None:
+    """The compiled :class:`Kernels`, or None where they are not available. Built once per
+    process (module docstring)."""
+    return build_checked("native decoding", _SOURCE, _FLAG_SETS, _wrap, _self_test_no_grad)

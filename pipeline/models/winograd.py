@@ -31,8 +31,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .native import ENV_DISABLE, build_library, compiler
+from .native import build_checked
 
 logger = logging.getLogger(__name__)
 
@@ -563,22 +561,4 @@ def _self_test(k: Kernels) -> bool:
 def load() -> Kernels | None:
     """The compiled :class:`Kernels`, or None where unavailable (no compiler, build or self-test
     failure, ``TAMING_NATIVE_KERNELS=0``). Built once per process (~1 s)."""
-    if os.environ.get(ENV_DISABLE, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    cc = compiler()
-    if cc is None:
-        logger.info("no C compiler: convolutions stay on oneDNN's direct kernels")
-        return None
-    try:
-        with tempfile.TemporaryDirectory(prefix="taming-winograd-") as directory:
-            for i, flags in enumerate(_FLAG_SETS):
-                lib = build_library(cc, flags, directory, f"winograd_{i}", _SOURCE)
-                if lib is None:
-                    continue
-                k = _wrap(lib)
-                if _self_test(k):
-                    return k
-                logger.warning("Winograd kernels (%s) failed their self-test", " ".join(flags))
-    except OSError as e:
-        logger.info("Winograd kernels not built: %s", e)
-    return None
+    return build_checked("Winograd convolution", _SOURCE, _FLAG_SETS, _wrap, _self_test)
