@@ -370,10 +370,13 @@ K = TypeVar("K")
 
 
 def build_checked(what: str, source: str, flag_sets: list[list[str]],
-                  wrap: Callable[[ctypes.CDLL], K], self_test: Callable[[K], bool]) -> K | None:
+                  wrap: Callable[[ctypes.CDLL], K | None],
+                  self_test: Callable[[K], bool]) -> K | None:
     """Build ``source`` with the first of ``flag_sets`` that compiles, passes its probe and
     whose ``wrap``-ped kernels pass ``self_test``; None if none does, if there is no C
-    compiler, or with ``TAMING_NATIVE_KERNELS=0``. ``what`` names the kernels in the logs."""
+    compiler, with ``TAMING_NATIVE_KERNELS=0``, or if ``wrap`` declines the built library
+    (returns None: e.g. this CPU lacks what makes the kernels worth it). ``what`` names the
+    kernels in the logs."""
     if os.environ.get(ENV_DISABLE, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     cc = compiler()
@@ -388,6 +391,8 @@ def build_checked(what: str, source: str, flag_sets: list[list[str]],
                 if lib is None:
                     continue
                 kernels = wrap(lib)
+                if kernels is None:
+                    return None
                 if self_test(kernels):
                     return kernels
                 logger.warning("%s kernels (%s) failed their self-test", what, " ".join(flags))

@@ -337,6 +337,15 @@ void wino_wgrad(const float* x, const float* dy, long N, long C, long H, long W,
   }
 }
 
+/* 1 when the GEMM above is the AVX-512 one: without it Winograd loses to oneDNN. */
+int wino_has_avx512(void) {
+#if defined(__AVX512F__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 #ifdef NATIVE_PROBE
 int main(void) {
   static float x[2 * 16 * 9 * 7], U[36 * 16 * 16], y[2 * 16 * 9 * 7], dU[2 * 36 * 16 * 16];
@@ -528,7 +537,11 @@ def disable_winograd(model: nn.Module) -> int:
     return count
 
 
-def _wrap(lib: ctypes.CDLL) -> Kernels:
+def _wrap(lib: ctypes.CDLL) -> Kernels | None:
+    if not lib.wino_has_avx512():
+        # The portable GEMM loop is far slower than oneDNN's direct convolution.
+        logger.info("no AVX-512: convolutions stay on oneDNN's direct kernels")
+        return None
     lib.wino_conv.argtypes = [_PTR, _LONG, _LONG, _LONG, _LONG, _PTR, _LONG, _PTR, _PTR, _INT]
     lib.wino_conv.restype = None
     lib.wino_wgrad.argtypes = [_PTR, _PTR, _LONG, _LONG, _LONG, _LONG, _LONG, _PTR, _INT]
