@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import logging
 import math
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -45,6 +47,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 ENV_DISABLE = "TAMING_NATIVE_KERNELS"
+KERNEL_CACHE_ENV = "TAMING_KERNEL_CACHE"
 BLOCK = 32  # output columns per packed weight block (two AVX-512 vectors)
 
 _SOURCE = r"""
@@ -251,29 +254,68 @@ def compiler() -> str | None:
     return None
 
 
+def _cpu_signature() -> str:
+    """What a ``-march=native`` binary depends on: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    return platform.machine() + "".join(lines)
+
+
+def kernel_cache_dir() -> str:
+    """Where built kernels are kept between processes: ``$TAMING_KERNEL_CACHE``, else
+    ``$XDG_CACHE_HOME/taming-pipeline/kernels`` (``~/.cache`` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get(KERNEL_CACHE_ENV) or os.path.join(base, "taming-pipeline", "kernels")
+
+
 def build_library(cc: str, flags: list[str], directory: str, name: str,
                   source: str = _SOURCE) -> ctypes.CDLL | None:
     """Compile ``source`` into ``directory/name.so`` and load it, or None on any failure.
 
     A probe executable built from the same source with ``-DNATIVE_PROBE`` (the source's ``main``
     runs every kernel once) runs first, so that an instruction this CPU lacks kills the probe,
-    not the caller."""
+    not the caller. A library that passed its probe is kept in :func:`kernel_cache_dir` under a
+    hash of compiler, flags, source and CPU, so later processes (every Ray worker, every
+    restart) load it in milliseconds instead of compiling; callers still self-test it."""
+    key = hashlib.sha256("\0".join([cc, *flags, source, _cpu_signature()]).encode()).hexdigest()
+    cached = os.path.join(kernel_cache_dir(), f"{key[:32]}.so")
+    if os.path.exists(cached):
+        try:
+            return ctypes.CDLL(cached)
+        except OSError as e:
+            logger.debug("cached kernel library %s unusable: %s", cached, e)
     src = os.path.join(directory, f"{name}.c")
     lib = os.path.join(directory, f"{name}.so")
-    with open(src, "w", encoding="utf-8") as f:
-        f.write(source)
     probe = os.path.join(directory, f"{name}_probe")
     exe_flags = [f for f in flags if f not in ("-shared", "-fPIC")]
     try:
+        with open(src, "w", encoding="utf-8") as f:
+            f.write(source)
         subprocess.run([cc, src, "-o", lib, *flags], check=True, capture_output=True,
                        timeout=120)
         subprocess.run([cc, "-DNATIVE_PROBE", src, "-o", probe, *exe_flags], check=True,
                        capture_output=True, timeout=120)
         subprocess.run([probe], check=True, capture_output=True, timeout=30)
-        return ctypes.CDLL(lib)
+        loaded = ctypes.CDLL(lib)
     except (OSError, subprocess.SubprocessError) as e:
         logger.debug("native kernel build failed (%s): %s", " ".join(flags), e)
         return None
+    _keep(lib, cached)
+    return loaded
+
+
+def _keep(lib: str, cached: str) -> None:
+    """Copy a built library into the cache atomically (best effort: a read-only home is fine)."""
+    try:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        tmp = f"{cached}.{os.getpid()}.tmp"
+        shutil.copyfile(lib, tmp)
+        os.replace(tmp, cached)
+    except OSError as e:
+        logger.debug("kernel library not cached: %s", e)
 
 
 def _wrap_attend(lib: ctypes.CDLL) -> AttendFn:

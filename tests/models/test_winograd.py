@@ -150,3 +150,23 @@ def test_disabled_by_environment_leaves_models_alone():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.split() == ["True", "0", "Conv2d"]
+
+
+def test_built_kernels_are_cached_between_processes(tmp_path, monkeypatch):
+    from pipeline.models import native
+
+    cc = native.compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv(native.KERNEL_CACHE_ENV, str(tmp_path / "cache"))
+    source = ("int twice(int x) { return 2 * x; }\n"
+              "#ifdef NATIVE_PROBE\nint main(void) { return twice(0); }\n#endif\n")
+    flags = ["-O2", "-shared", "-fPIC"]
+    lib = native.build_library(cc, flags, str(tmp_path), "k", source)
+    assert lib is not None and lib.twice(21) == 42
+    assert len(list((tmp_path / "cache").glob("*.so"))) == 1
+    # A second build of the same source and flags loads the cached library: no compiler runs.
+    again = native.build_library("/nonexistent/cc", flags, str(tmp_path / "none"), "k", source)
+    assert again is None  # the compiler is part of the key: a different one rebuilds (and fails)
+    again = native.build_library(cc, flags, str(tmp_path / "none"), "k", source)
+    assert again is not None and again.twice(4) == 8
