@@ -3,14 +3,13 @@
 Prints one JSON object. Config (the issue's): resolution 64, ch 64, ch_mult [1,1,2,2], 1 res
 block, attention at 8, z/embed 64, 512 codes, batch 8, discriminator on (disc_start 0), LPIPS
 with the random backbone (same compute as VGG16 LPIPS), fp32 unless ``--bf16`` (CPU autocast).
-3x3 convolutions by Winograd F(4x4, 3x3) where it pays and GroupNorm + SiLU fused, as the stage
-does in fp32 (:mod:`pipeline.models.winograd`, :mod:`pipeline.models.groupnorm`; ``--winograd 0``
-and ``--no-fused-norm`` for PyTorch's kernels only).
+3x3 convolutions by Winograd F(4x4, 3x3) where it pays, as the stage does in fp32
+(:mod:`pipeline.models.winograd`; ``--winograd 0`` for oneDNN's direct convolutions only).
 
     .venv/bin/python bench/vqgan.py [--threads 2] [--steps 4] [--rounds 3] [--bf16]
-        [--winograd 16] [--no-fused-norm] [--channels-last] [--no-tune-allocator]
-        [--no-reference] [--batch 8] [--stage-steps 30] [--stage-log-every 5]
-        [--stage-source builtin:digits] [--no-stage] [--keep]
+        [--winograd 16] [--channels-last] [--no-tune-allocator] [--no-reference] [--batch 8]
+        [--stage-steps 30] [--stage-log-every 5] [--stage-source builtin:digits] [--no-stage]
+        [--keep]
 
 Figures, with the reference implementation's on this machine (4.7 training and 149 encode
 images/s) and the issue's targets (2× and 1.5× those: 9.4 and 224) and ``pass`` booleans:
@@ -80,7 +79,6 @@ from pipeline.models import (  # noqa: E402
     reconstruction_loss,
     set_requires_grad,
 )
-from pipeline.models.groupnorm import enable_fused_norm  # noqa: E402
 from pipeline.models.perf import tune_cpu_allocator  # noqa: E402
 from pipeline.models.winograd import DEFAULT_MIN_SIZE, enable_winograd  # noqa: E402
 from pipeline.storage import join  # noqa: E402
@@ -255,8 +253,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--winograd", type=int, default=DEFAULT_MIN_SIZE, metavar="MIN_SIZE",
                     help="Winograd 3x3 convolutions on maps of at least MIN_SIZE px, as the "
                     "stage does in fp32 (0: oneDNN's direct convolutions only)")
-    ap.add_argument("--no-fused-norm", action="store_true",
-                    help="PyTorch's GroupNorm and SiLU instead of the fused C kernel")
     ap.add_argument("--keep", action="store_true", help="keep the stage's temporary root")
     return ap.parse_args(argv)
 
@@ -283,11 +279,9 @@ def measure_model(args: argparse.Namespace) -> dict[str, Any]:
     model.eval()
     with torch.inference_mode():
         encode_gflop = gflop(lambda: model.encode(x))
-    winograd_convs = fused_norms = 0
+    winograd_convs = 0
     if args.winograd and not args.bf16:
         winograd_convs = sum(enable_winograd(m, args.winograd) for m in (model, disc, loss))
-    if not args.no_fused_norm and not args.bf16:
-        fused_norms = enable_fused_norm(model)
 
     model.train()
     disc.train()
@@ -323,7 +317,6 @@ def measure_model(args: argparse.Namespace) -> dict[str, Any]:
                    "threads": args.threads, "bf16": args.bf16,
                    "channels_last_train": args.channels_last, "allocator_tuned": allocator_tuned,
                    "winograd_min_size": args.winograd, "winograd_convs": winograd_convs,
-                   "fused_norms": fused_norms,
                    "lpips": "random", "disc": True},
         "train_images_per_s": round(b / best_train, 2),
         "encode_images_per_s": round(b / encode_best, 1),

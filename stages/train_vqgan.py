@@ -70,11 +70,10 @@ class TrainVQGANConfig(TrainConfig):
     eval_images: int = 512
     image_every: int = no_fingerprint(100)
     grid_images: int = no_fingerprint(16)
-    # fp32 on CPU: the project's C kernels, Winograd F(4x4, 3x3) for 3x3 convolutions (16+ px
-    # maps, <= 128 channels; pipeline.models.winograd) and fused GroupNorm + SiLU
-    # (pipeline.models.groupnorm); results differ from PyTorch's by ~1e-6 relative. Ignored on
-    # GPU and in bf16.
-    cpu_kernels: bool = no_fingerprint(True)
+    # fp32 on CPU: 3x3 convolutions (16+ px maps, <= 128 channels) by Winograd F(4x4, 3x3),
+    # ~1.3x faster steps (pipeline.models.winograd); results differ from oneDNN's direct
+    # convolution by ~1e-6 relative. Ignored on GPU and in bf16.
+    winograd: bool = no_fingerprint(True)
 
     def validate(self) -> None:
         super().validate()
@@ -192,7 +191,6 @@ def vqgan_worker(config: dict[str, Any]) -> None:
 
     from pipeline.data.loader import StreamSpec, eval_batches, image_batches
     from pipeline.models.discriminator import NLayerDiscriminator
-    from pipeline.models.groupnorm import enable_fused_norm
     from pipeline.models.loss import VQGANLoss
     from pipeline.models.vqgan import VQGAN
     from pipeline.models.winograd import enable_winograd
@@ -216,12 +214,11 @@ def vqgan_worker(config: dict[str, Any]) -> None:
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     if lpips is not None:
         lpips.to(dtype)
-    if cfg.cpu_kernels and not cfg.use_gpu and cfg.precision == "fp32":
+    if cfg.winograd and not cfg.use_gpu and cfg.precision == "fp32":
         convs = enable_winograd(model) + (enable_winograd(lpips) if lpips is not None else 0)
-        norms = enable_fused_norm(model)
         if rank == 0:
-            log.info("C kernels: %d Winograd 3x3 convolutions, %d fused GroupNorm+SiLU%s",
-                     convs, norms, "" if convs else " (unavailable here: PyTorch's kernels)")
+            log.info("Winograd 3x3 convolutions: %d modules%s", convs,
+                     "" if convs else " (kernels unavailable here: direct convolutions)")
     loss_fn = VQGANLoss(cfg.loss, lpips)
     g, d = make_engine(model, cfg, world), make_engine(disc, cfg, world)
     state = checkpoint.restore({"G": g, "D": d})

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .export import Exportable, check_keys
-from .groupnorm import norm_silu
 from .quantize import QuantizerConfig, QuantizerOutput, VectorQuantizer
 
 WEIGHTS_NAME = "vqgan.pt"
@@ -166,8 +165,8 @@ class ResnetBlock(nn.Module):
         # Without autograd nothing needs the intermediates: overwrite them in place instead of
         # allocating (CPU inference, e.g. tokenizing, is allocation-bound at high resolution).
         inplace = not torch.is_grad_enabled()
-        h = self.conv1(norm_silu(self.norm1, x, inplace=inplace))
-        h = self.conv2(self.dropout(norm_silu(self.norm2, h, inplace=inplace)))
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=inplace)))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
         return h.add_(x) if inplace else x + h
@@ -266,7 +265,7 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid(h)
-        return self.conv_out(norm_silu(self.norm_out, h, inplace=not torch.is_grad_enabled()))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
 
 
 class Decoder(nn.Module):
@@ -307,7 +306,7 @@ class Decoder(nn.Module):
             h = level(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        h = norm_silu(self.norm_out, h, inplace=not torch.is_grad_enabled())
+        h = F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled())
         return self.conv_out(h), h
 
     def forward(self, z: Tensor) -> Tensor:
