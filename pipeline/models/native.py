@@ -11,14 +11,15 @@ MKL GEMMs per (row, head). Measured at the bench config (2-core Zen4, idle), per
 - :func:`Kernels.linear` (8-row AVX-512 products over weights packed by :func:`pack_linear`, with
   bias, GELU and residual epilogues): 17 linears in ~0.9-1.1 ms instead of ~1.4-1.8 ms.
 
-Built lazily, once per process, with the system C compiler (``$CC``, else ``cc``/``gcc``) in a
-temporary directory removed after loading (~1 s). Flags: ``-march=native`` (the binary never
-leaves the process that built it) and glibc's libmvec for vectorised ``expf``/``erff``, falling
-back to plainer ones. A probe executable runs the kernels first, so that an instruction the CPU
-lacks kills the probe, not the caller. The linear kernel needs AVX-512 (``Kernels.linear`` is
-None without it). Any failure (no compiler, build, probe or load error, a self-test against the
-torch ops off by more than 1e-5) leaves :func:`load` returning None and callers on the torch
-path. ``TAMING_NATIVE_KERNELS=0`` disables them.
+Built lazily with the system C compiler (``$CC``, else ``cc``/``gcc``; ~1 s) and kept in
+:func:`kernel_cache_dir` under a hash of compiler, flags, source and CPU, so other processes on
+the machine load instead of compiling. Flags: ``-march=native`` (hence the CPU in the cache key)
+and glibc's libmvec for vectorised ``expf``/``erff``, falling back to plainer ones. A probe
+executable runs the kernels first, so that an instruction the CPU lacks kills the probe, not the
+caller. The linear kernel needs AVX-512 (``Kernels.linear`` is None without it). Any failure (no
+compiler, build, probe or load error, a self-test against the torch ops off by more than 1e-5)
+leaves :func:`load` returning None and callers on the torch path. ``TAMING_NATIVE_KERNELS=0``
+disables them.
 
 Numerics: fp32 throughout, the same formulas as the torch ops (max-subtracted softmax, exact erf
 GELU), sums in other orders: results agree with PyTorch's to ~1e-6 relative.

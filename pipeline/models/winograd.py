@@ -1,19 +1,19 @@
 """Winograd F(4x4, 3x3) convolution on CPU, fp32: 3x3 stride-1 convolutions with 4x fewer
-multiplications, forward and backward (optional, C transforms + batched GEMM).
+multiplications, forward and backward (optional C kernels, AVX-512 CPUs).
 
 Why: the VQGAN's time on CPU is its 3x3 convolutions (encoder, decoder and the LPIPS VGG; about
 80% of a training step at 64 px), and oneDNN's direct convolution already runs them near this
 CPU's fp32 peak. Winograd's minimal filtering computes each 4x4 output tile from a 6x6 input tile
-with 36 products per input channel instead of 144: the work becomes 36 independent [T, C] x
-[C, C_out] matrix products (T = tiles, one ``torch.bmm``) between linear transforms that cost
-memory traffic, not multiplications. The transforms are C kernels (:data:`_SOURCE`), built at
-first use like :mod:`pipeline.models.native`'s and threaded with OpenMP (the libgomp torch
-already loaded).
+with 36 products per input channel instead of 144: per chunk of tiles, an input transform,
+36 independent [tiles, C] x [C, C_out] matrix products and an output transform, all in one C
+kernel (:data:`_SOURCE`) while the chunk is in cache. Built at first use through
+:func:`pipeline.models.native.build_checked` (probe, self-test, on-disk cache) and threaded with
+OpenMP (the libgomp torch already loaded).
 
 Gradients use the same pieces: d/dx is the same convolution of dy with the flipped, transposed
-kernel; d/dw multiplies the input transform by the transform of dy in the Winograd domain
-(``bmm(V^T, A dy A^T)``) and maps back with G^T . G; the bias gradient is a sum. No double
-backward (``once_differentiable``).
+kernel; d/dw multiplies the input transform by the transform of dy (A dy A^T) in the Winograd
+domain and maps back with G^T . G; the bias gradient is a sum. No double backward
+(``once_differentiable``).
 
 Numerics: fp32 with the transforms' constants (up to 8): results differ from the direct
 convolution by ~1e-6..1e-5 relative (the direct one itself is ~1e-7 from float64), the usual
@@ -23,7 +23,7 @@ Use: :func:`enable_winograd` turns the eligible ``nn.Conv2d`` modules of a model
 :class:`WinogradConv2d` (same parameters and state dict). At run time a call takes the Winograd
 path only for float32 CPU tensors outside CPU autocast with both sides at least ``min_size``
 pixels; anything else (bf16 engines, GPU, small maps) runs ``nn.Conv2d``'s own forward. Without
-a C compiler, or with ``TAMING_NATIVE_KERNELS=0``, nothing changes.
+a C compiler, without AVX-512, or with ``TAMING_NATIVE_KERNELS=0``, nothing changes.
 """
 
 from __future__ import annotations
@@ -358,10 +358,8 @@ int main(void) {
 #endif
 """
 
-_FLAG_SETS = [
-    ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"],
-    ["-O2", "-fopenmp", "-shared", "-fPIC"],
-]
+# One flag set: without -march=native there is no AVX-512 GEMM, and _wrap declines the library.
+_FLAG_SETS = [["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]]
 
 # G (6x3) of F(4x4, 3x3): U = G w G^T maps a 3x3 kernel into the 6x6 Winograd domain.
 _G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
@@ -401,6 +399,7 @@ class Kernels:
         = conv3x3(x, w) + bias, padding 1."""
         n, c, h, w = x.shape
         y = torch.empty(n, u.shape[2], h, w)
+        bias = None if bias is None else bias.contiguous()
         self.lib.wino_conv(x.data_ptr(), n, c, h, w, u.data_ptr(), u.shape[2],
                            None if bias is None else bias.data_ptr(), y.data_ptr(),
                            torch.get_num_threads())
@@ -417,10 +416,6 @@ class Kernels:
         return du.sum(0) if threads > 1 else du[0]
 
 
-def _conv(k: Kernels, x: Tensor, u: Tensor, bias: Tensor | None) -> Tensor:
-    return k.conv(x, u, None if bias is None else bias.contiguous())
-
-
 class _WinogradConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None,  # type: ignore[override]
@@ -429,7 +424,7 @@ class _WinogradConv(torch.autograd.Function):
         x = x.contiguous()
         ctx.save_for_backward(x, weight)
         ctx.kernels, ctx.has_bias = k, bias is not None
-        return _conv(k, x, u, None if bias is None else bias.detach())
+        return k.conv(x, u, None if bias is None else bias.detach())
 
     @staticmethod
     @once_differentiable
@@ -439,7 +434,7 @@ class _WinogradConv(torch.autograd.Function):
         dy = dy.contiguous()
         dx = dw = db = None
         if ctx.needs_input_grad[0]:  # the same convolution with the flipped, transposed kernel
-            dx = _conv(k, dy, weight_transform(weight.transpose(0, 1).flip(2, 3)), None)
+            dx = k.conv(dy, weight_transform(weight.transpose(0, 1).flip(2, 3)), None)
         if ctx.needs_input_grad[1]:
             dw = weight_grad_from_domain(k.weight_grad(x, dy))
         if ctx.has_bias and ctx.needs_input_grad[2]:
