@@ -45,8 +45,10 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     (1, 32, 16, 13, 10, False),  # partial tiles at the bottom and right borders
     (3, 48, 80, 7, 9, True),     # channel counts past one 64-column GEMM block
     (2, 64, 64, 33, 4, True),    # one tile column
+    (1, 96, 112, 64, 24, True),  # several chunks per thread; GEMM blocks of 6 rows + remainder
 ])
-def test_forward_and_gradients_match_conv2d(kernels, n, c, co, h, w, bias):
+@pytest.mark.parametrize("fmt", ["nchw", "channels_last"])
+def test_forward_and_gradients_match_conv2d(kernels, n, c, co, h, w, bias, fmt):
     gen = torch.Generator().manual_seed(n * h + w)
     x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
     wt = torch.randn(co, c, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -56,11 +58,15 @@ def test_forward_and_gradients_match_conv2d(kernels, n, c, co, h, w, bias):
     inputs = (x, wt) + ((b,) if bias else ())
     ref_grads = torch.autograd.grad(ref, inputs, dy)
 
-    xf = x.detach().float().requires_grad_()
+    layout = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    xf = x.detach().float().contiguous(memory_format=layout).requires_grad_()
     wf = wt.detach().float().requires_grad_()
     bf = b.detach().float().requires_grad_() if bias else None
     y = winograd_conv2d(xf, wf, bf, kernels)
+    # the output, and the input gradient, keep the input's memory format (what F.conv2d does)
+    assert y.is_contiguous(memory_format=layout)
     grads = torch.autograd.grad(y, (xf, wf) + ((bf,) if bias else ()), dy.float())
+    assert grads[0].is_contiguous(memory_format=layout)
     # fp32 Winograd: ~1e-6 relative to the float64 result (direct fp32 is ~1e-7)
     assert _rel_err(y, ref) < 5e-5
     for got, want in zip(grads, ref_grads, strict=True):
