@@ -42,12 +42,13 @@ from .native import build_checked
 
 logger = logging.getLogger(__name__)
 
-# Where Winograd pays on this project's 2-core Zen4 (fp32, batch 8; ms forward, direct/Winograd):
-# 64 ch at 64x64 11.8/6.7, at 32x32 2.8/1.9; 128 ch at 32x32 11.2/5.8, at 16x16 2.8/2.3,
-# at 8x8 0.7/0.9; 256 ch at 16x16 10.4/8.7 but its weight gradient 12.0/22.8; 512 ch at 8x8
-# 10.7/36.4 (the kernel's transform and the per-thread gradient buffers grow with C x C_out).
-DEFAULT_MIN_SIZE = 16
-DEFAULT_MAX_CHANNELS = 128
+# Where Winograd pays on this project's 2-core Zen4 (fp32, batch 8, channels_last, ms direct ->
+# Winograd forward / weight gradient direct -> Winograd): 64 ch at 64 px 11.3 -> 4.8 / 13.3 -> 5.9;
+# 128 ch at 32 px 10.9 -> 4.0 / 12.1 -> 5.4; 128 ch at 8 px 0.69 -> 0.23 / 0.86 -> 0.27;
+# 256 ch at 16 px 10.5 -> 3.8 / 12.0 -> 4.4; 512 ch at 8 px 11.6 -> 5.9 / 14.9 -> 5.5; 512 ch at
+# 4 px 4.5 -> 3.6 / 7.1 -> 3.1. Everywhere, given the right mode (chunked or whole, _SOURCE).
+DEFAULT_MIN_SIZE = 4
+DEFAULT_MAX_CHANNELS = 512
 
 _SOURCE = r"""
 /* Winograd F(4x4, 3x3) transforms for 3x3, stride-1, padding-1 convolutions: fp32, NCHW.
@@ -239,13 +240,13 @@ static void output_tile(const float* src, long ds, const float* bias, float* y, 
    against ~75 for 4 x 64: fewer loads per multiply-add. */
 #define GEMM_BLOCK(MR, NV)                                                                     \
   static void gemm_##MR##x##NV(const float* A, long ars, long aks, long K, const float* B,     \
-                               long N, float* Cm, int acc) {                                   \
+                               long ldb, float* Cm, long ldc, int acc) {                       \
     __m512 c[MR][NV];                                                                          \
     for (int r = 0; r < MR; ++r)                                                               \
       for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();                              \
     for (long k = 0; k < K; ++k) {                                                             \
       __m512 b[NV];                                                                            \
-      for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(B + k * N + 16 * v);                 \
+      for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);               \
       const float* ak = A + k * aks;                                                           \
       for (int r = 0; r < MR; ++r) {                                                           \
         const __m512 av = _mm512_set1_ps(ak[r * ars]);                                         \
@@ -254,43 +255,58 @@ static void output_tile(const float* src, long ds, const float* bias, float* y, 
     }                                                                                          \
     for (int r = 0; r < MR; ++r)                                                               \
       for (int v = 0; v < NV; ++v) {                                                           \
-        float* cr = Cm + r * N + 16 * v;                                                       \
+        float* cr = Cm + r * ldc + 16 * v;                                                     \
         _mm512_storeu_ps(cr, acc ? _mm512_add_ps(c[r][v], _mm512_loadu_ps(cr)) : c[r][v]);     \
       }                                                                                        \
   }
 GEMM_BLOCK(1, 1) GEMM_BLOCK(2, 1) GEMM_BLOCK(3, 1) GEMM_BLOCK(4, 1) GEMM_BLOCK(5, 1)
 GEMM_BLOCK(6, 1) GEMM_BLOCK(1, 2) GEMM_BLOCK(2, 2) GEMM_BLOCK(3, 2) GEMM_BLOCK(4, 2)
 GEMM_BLOCK(5, 2) GEMM_BLOCK(6, 2)
-typedef void (*gemm_block)(const float*, long, long, long, const float*, long, float*, int);
+typedef void (*gemm_block)(const float*, long, long, long, const float*, long, float*, long,
+                           int);
 static const gemm_block GEMM_BLOCKS[2][6] = {
     {gemm_1x1, gemm_2x1, gemm_3x1, gemm_4x1, gemm_5x1, gemm_6x1},
     {gemm_1x2, gemm_2x2, gemm_3x2, gemm_4x2, gemm_5x2, gemm_6x2}};
 #endif
 
-/* Cm[r][j] (+)= sum_k A(r, k) B[k][j] for r < rows, j < N (N a multiple of 16), k < K, with
-   A(r, k) = A[r*ars + k*aks], B row stride N, Cm row stride N. acc: add to Cm instead of
-   overwriting. Column panels of 32 (B's panel stays in L1), register blocks of 6 rows. */
-static void gemm(const float* A, long ars, long aks, long rows, long K, const float* B, long N,
-                 float* Cm, int acc) {
+/* Cm[r][j] (+)= sum_k A(r, k) B[k][j] for r < rows, j < ncols (a multiple of 16), k < K, with
+   A(r, k) = A[r*ars + k*aks], B[k][j] = B[k*ldb + j], Cm[r][j] = Cm[r*ldc + j]. acc: add to Cm
+   instead of overwriting. Column panels of 32 (B's panel stays in L1), register blocks of 6
+   rows. */
+static void gemm(const float* A, long ars, long aks, long rows, long K, const float* B, long ldb,
+                 long ncols, float* Cm, long ldc, int acc) {
 #if defined(__AVX512F__)
-  for (long j0 = 0; j0 < N; j0 += 32) {
-    const int nv = N - j0 >= 32 ? 2 : 1;
+  for (long j0 = 0; j0 < ncols; j0 += 32) {
+    const int nv = ncols - j0 >= 32 ? 2 : 1;
     for (long r0 = 0; r0 < rows; r0 += 6) {
       const long mr = rows - r0 < 6 ? rows - r0 : 6;
-      GEMM_BLOCKS[nv - 1][mr - 1](A + r0 * ars, ars, aks, K, B + j0, N, Cm + r0 * N + j0, acc);
+      GEMM_BLOCKS[nv - 1][mr - 1](A + r0 * ars, ars, aks, K, B + j0, ldb, Cm + r0 * ldc + j0, ldc,
+                                  acc);
     }
   }
 #else
   for (long r = 0; r < rows; ++r) {
-    float* cr = Cm + r * N;
-    if (!acc) memset(cr, 0, N * sizeof(float));
+    float* cr = Cm + r * ldc;
+    if (!acc) memset(cr, 0, ncols * sizeof(float));
     for (long k = 0; k < K; ++k) {
       const float av = A[r * ars + k * aks];
-      const float* bk = B + k * N;
-      for (long j = 0; j < N; ++j) cr[j] += av * bk[j];
+      const float* bk = B + k * ldb;
+      for (long j = 0; j < ncols; ++j) cr[j] += av * bk[j];
     }
   }
 #endif
+}
+
+/* Two ways to run the 36 products. "Chunked": per chunk of tiles, all 36 products against the
+   whole U (U = 36 x C x Co floats is re-read per chunk, from L2 or L3). "Whole": transform every
+   tile first, then each U[p] panel once against all tiles (U read once; the transform domain goes
+   through memory). mode: 0 chunked, 1 whole, -1 whole where U exceeds `limit` bytes. Measured
+   (batch 8, 2 threads, ms chunked/whole): forward 256->256 at 16 px 3.8/4.5, 256->512 at 8 px
+   8.5/2.8; weight gradient 64->64 at 64 px 5.9/10.3, 128->128 at 16 px 1.7/1.0. */
+#define FORWARD_WHOLE_ABOVE (12L << 20)
+#define WGRAD_WHOLE_ABOVE (640L << 10)
+static int whole_mode(int mode, long C, long Co, long limit) {
+  return mode >= 0 ? mode : 36 * C * Co * (long)sizeof(float) > limit;
 }
 
 /* Tiles per chunk: `floats` bounds each transform-domain buffer (36 x TB x channels) so that the
@@ -311,8 +327,37 @@ static long chunk_tiles(long C, long Co, long T, int threads, long floats) {
    transformed kernel, contiguous); y: [N, Co, H, W]. C and Co multiples of 16. Fused per chunk
    of tiles: input transform, 36 GEMMs, output transform, all in per-thread buffers. */
 void wino_conv(const float* x, int nhwc, long N, long C, long H, long W, const float* U,
-               long Co, const float* bias, float* y, int threads) {
+               long Co, const float* bias, float* y, int threads, int mode) {
   const long th = (H + 3) / 4, tw = (W + 3) / 4, T = N * th * tw;
+  if (whole_mode(mode, C, Co, FORWARD_WHOLE_ABOVE)) {
+    float* V = aligned_alloc(64, sizeof(float) * 36 * T * C);
+    float* M = aligned_alloc(64, sizeof(float) * 36 * T * Co);
+    const long panels = (Co + 31) / 32;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+      for (long t = 0; t < T; ++t) {
+        const long n = t / (th * tw), a = (t / tw) % th, b = t % tw;
+        for (long c0 = 0; c0 < C; c0 += CB)
+          input_tile(x, nhwc, C, H, W, n, a, b, c0, CB, V + t * C + c0, T * C);
+      }
+#pragma omp for schedule(static)
+      for (long q = 0; q < 36 * panels; ++q) {
+        const long p = q / panels, j0 = (q % panels) * 32;
+        gemm(V + p * T * C, C, 1, T, C, U + p * C * Co + j0, Co, Co - j0 < 32 ? Co - j0 : 32,
+             M + p * T * Co + j0, Co, 0);
+      }
+#pragma omp for schedule(static)
+      for (long t = 0; t < T; ++t) {
+        const long n = t / (th * tw), a = (t / tw) % th, b = t % tw;
+        for (long c0 = 0; c0 < Co; c0 += CB)
+          output_tile(M + t * Co + c0, T * Co, bias, y, nhwc, Co, H, W, n, a, b, c0, CB);
+      }
+    }
+    free(V);
+    free(M);
+    return;
+  }
   const long TB = chunk_tiles(C, Co, T, threads, 32768), chunks = (T + TB - 1) / TB;
 #pragma omp parallel num_threads(threads)
   {
@@ -327,7 +372,7 @@ void wino_conv(const float* x, int nhwc, long N, long C, long H, long W, const f
           input_tile(x, nhwc, C, H, W, n, a, b, c0, CB, V + i * C + c0, TB * C);
       }
       for (int p = 0; p < 36; ++p)
-        gemm(V + p * TB * C, C, 1, nt, C, U + p * C * Co, Co, M + p * TB * Co, 0);
+        gemm(V + p * TB * C, C, 1, nt, C, U + p * C * Co, Co, Co, M + p * TB * Co, Co, 0);
       for (long i = 0; i < nt; ++i) {
         const long t = t0 + i, n = t / (th * tw), a = (t / tw) % th, b = t % tw;
         for (long c0 = 0; c0 < Co; c0 += CB)
@@ -340,11 +385,36 @@ void wino_conv(const float* x, int nhwc, long N, long C, long H, long W, const f
 }
 
 /* dU[p] = sum over tiles of V[p]^T dM[p]: the weight gradient in the Winograd domain, for
-   x: [N, C, H, W] and dy: [N, Co, H, W]. dU: [threads][36][C][Co], one slice per thread
-   (summed by the caller). C and Co multiples of 16. */
+   x: [N, C, H, W] and dy: [N, Co, H, W]. dU: [wino_wgrad_slices(..)][36][C][Co]: chunked, one
+   slice per thread (summed by the caller); whole, one. C and Co multiples of 16. */
 void wino_wgrad(const float* x, const float* dy, int nhwc, long N, long C, long H, long W,
-                long Co, float* dU, int threads) {
+                long Co, float* dU, int threads, int mode) {
   const long th = (H + 3) / 4, tw = (W + 3) / 4, T = N * th * tw;
+  if (whole_mode(mode, C, Co, WGRAD_WHOLE_ABOVE)) { /* one slice: dU[p] = V[p]^T G[p], all tiles */
+    float* V = aligned_alloc(64, sizeof(float) * 36 * T * C);
+    float* G = aligned_alloc(64, sizeof(float) * 36 * T * Co);
+    const long panels = (Co + 31) / 32;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+      for (long t = 0; t < T; ++t) {
+        const long n = t / (th * tw), a = (t / tw) % th, b = t % tw;
+        for (long c0 = 0; c0 < C; c0 += CB)
+          input_tile(x, nhwc, C, H, W, n, a, b, c0, CB, V + t * C + c0, T * C);
+        for (long c0 = 0; c0 < Co; c0 += CB)
+          grad_tile(dy, nhwc, Co, H, W, n, a, b, c0, CB, G + t * Co + c0, T * Co);
+      }
+#pragma omp for schedule(static)
+      for (long q = 0; q < 36 * panels; ++q) {
+        const long p = q / panels, j0 = (q % panels) * 32;
+        gemm(V + p * T * C, 1, C, C, T, G + p * T * Co + j0, Co, Co - j0 < 32 ? Co - j0 : 32,
+             dU + p * C * Co + j0, Co, 0);
+      }
+    }
+    free(V);
+    free(G);
+    return;
+  }
   const long TB = chunk_tiles(C, Co, T, threads, 98304), chunks = (T + TB - 1) / TB;
   memset(dU, 0, sizeof(float) * threads * 36 * C * Co);
 #pragma omp parallel num_threads(threads)
@@ -363,7 +433,7 @@ void wino_wgrad(const float* x, const float* dy, int nhwc, long N, long C, long 
           grad_tile(dy, nhwc, Co, H, W, n, a, b, c0, CB, G + i * Co + c0, TB * Co);
       }
       for (int p = 0; p < 36; ++p) /* rows: input channels; K: the chunk's tiles */
-        gemm(V + p * TB * C, 1, C, C, nt, G + p * TB * Co, Co, mine + p * C * Co, 1);
+        gemm(V + p * TB * C, 1, C, C, nt, G + p * TB * Co, Co, Co, mine + p * C * Co, Co, 1);
     }
     free(V);
     free(G);
@@ -371,6 +441,76 @@ void wino_wgrad(const float* x, const float* dy, int nhwc, long N, long C, long 
 }
 
 /* 1 when the GEMM above is the AVX-512 one: without it Winograd loses to oneDNN. */
+/* The kernel transform U = G w G^T for every (C_out, C) pair of w: [Co][C][3][3].
+   back = 0: U[p][c][co] for the convolution itself; back = 1: U[p][co][c] of the flipped kernel,
+   the convolution that gives d/dx (its input channels are the Co of w). One pass, written in the
+   GEMM's layout (a [36, 9] x [9, C*Co] torch matmul runs at ~10 GFLOP/s here). */
+static const float GW[6][3] = {{1.f / 4, 0, 0}, {-1.f / 6, -1.f / 6, -1.f / 6},
+                               {-1.f / 6, 1.f / 6, -1.f / 6}, {1.f / 24, 1.f / 12, 1.f / 6},
+                               {1.f / 24, -1.f / 12, 1.f / 6}, {0, 0, 1}};
+
+/* u[p][l] = (G g_l G^T)[p] for CB kernels g_l at once (lanes innermost: vectorised). */
+static void kernel_tile(float g[9][CB], float u[36][CB]) {
+  float t[6][3][CB];
+  for (int r = 0; r < 6; ++r)
+    for (int b = 0; b < 3; ++b)
+      for (int l = 0; l < CB; ++l)
+        t[r][b][l] = GW[r][0] * g[b][l] + GW[r][1] * g[3 + b][l] + GW[r][2] * g[6 + b][l];
+  for (int r = 0; r < 6; ++r)
+    for (int q = 0; q < 6; ++q)
+      for (int l = 0; l < CB; ++l)
+        u[6 * r + q][l] = t[r][0][l] * GW[q][0] + t[r][1][l] * GW[q][1] + t[r][2][l] * GW[q][2];
+}
+
+void wino_weight(const float* w, long Co, long C, int back, float* U, int threads) {
+  /* Blocks of CB consecutive output columns of U: co for the forward form, c for the back one
+     (both multiples of CB). */
+  const long outer = back ? Co : C, inner = back ? C : Co;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long o = 0; o < outer; ++o)
+    for (long i0 = 0; i0 < inner; i0 += CB) {
+      float g[9][CB], u[36][CB];
+      for (int l = 0; l < CB; ++l) {
+        const long co = back ? o : i0 + l, c = back ? i0 + l : o;
+        const float* k = w + (co * C + c) * 9;
+        for (int e = 0; e < 9; ++e) g[e][l] = k[back ? 8 - e : e];
+      }
+      kernel_tile(g, u);
+      for (int p = 0; p < 36; ++p) memcpy(U + p * C * Co + o * inner + i0, u[p], sizeof u[p]);
+    }
+}
+
+/* The adjoint: dw[co][c][a][b] = sum_{r,q} G[r][a] G[q][b] dU[6r+q][c][co]. */
+void wino_weight_grad(const float* dU, long C, long Co, float* dw, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long c = 0; c < C; ++c)
+    for (long co0 = 0; co0 < Co; co0 += CB) {
+      float du[36][CB], t[6][3][CB], k[9][CB];
+      for (int p = 0; p < 36; ++p) memcpy(du[p], dU + p * C * Co + c * Co + co0, sizeof du[p]);
+      for (int r = 0; r < 6; ++r)
+        for (int b = 0; b < 3; ++b)
+          for (int l = 0; l < CB; ++l) {
+            float acc = 0.f;
+            for (int q = 0; q < 6; ++q) acc += du[6 * r + q][l] * GW[q][b];
+            t[r][b][l] = acc;
+          }
+      for (int a = 0; a < 3; ++a)
+        for (int b = 0; b < 3; ++b)
+          for (int l = 0; l < CB; ++l) {
+            float acc = 0.f;
+            for (int r = 0; r < 6; ++r) acc += GW[r][a] * t[r][b][l];
+            k[3 * a + b][l] = acc;
+          }
+      for (int l = 0; l < CB; ++l)
+        for (int e = 0; e < 9; ++e) dw[((co0 + l) * C + c) * 9 + e] = k[e][l];
+    }
+}
+
+/* How many [36][C][Co] slices wino_wgrad writes (summed by the caller). */
+long wino_wgrad_slices(long C, long Co, int threads, int mode) {
+  return whole_mode(mode, C, Co, WGRAD_WHOLE_ABOVE) ? 1 : threads;
+}
+
 int wino_has_avx512(void) {
 #if defined(__AVX512F__)
   return 1;
@@ -385,8 +525,10 @@ int main(void) {
   for (int i = 0; i < 2 * 16 * 9 * 7; ++i) x[i] = (float)(i % 13) - 6.f;
   for (int i = 0; i < 36 * 16 * 16; ++i) U[i] = (float)(i % 7) - 3.f;
   for (int nhwc = 0; nhwc < 2; ++nhwc) {
-    wino_conv(x, nhwc, 2, 16, 9, 7, U, 16, 0, y, 2);
-    wino_wgrad(x, y, nhwc, 2, 16, 9, 7, 16, dU, 2);
+    for (int mode = 0; mode < 2; ++mode) {
+      wino_conv(x, nhwc, 2, 16, 9, 7, U, 16, 0, y, 2, mode);
+      wino_wgrad(x, y, nhwc, 2, 16, 9, 7, 16, dU, 2, mode);
+    }
   }
   return 0;
 }
@@ -439,6 +581,8 @@ class Kernels:
     the faster of the two); outputs come back in the input's format."""
 
     lib: ctypes.CDLL
+    # -1: the kernels choose chunked or whole per layer (see _SOURCE); 0 / 1 force one (tests)
+    mode: int = -1
 
     def conv(self, x: Tensor, u: Tensor, bias: Tensor | None) -> Tensor:
         """x: [N, C, H, W], u: [36, C, C_out] from :func:`weight_transform` -> y: [N, C_out, H, W]
@@ -450,46 +594,87 @@ class Kernels:
         bias = None if bias is None else bias.contiguous()
         self.lib.wino_conv(x.data_ptr(), int(nhwc), n, c, h, w, u.data_ptr(), u.shape[2],
                            None if bias is None else bias.data_ptr(), y.data_ptr(),
-                           torch.get_num_threads())
+                           torch.get_num_threads(), self.mode)
         return y
+
+    def weight(self, w: Tensor, back: bool = False) -> Tensor:
+        """:func:`weight_transform` of w [C_out, C, 3, 3] -> [36, C, C_out]; ``back``: that of the
+        flipped, transposed kernel (the input gradient's convolution) -> [36, C_out, C]."""
+        w = w.detach().contiguous()
+        co, c = w.shape[:2]
+        u = torch.empty(36, co, c) if back else torch.empty(36, c, co)
+        self.lib.wino_weight(w.data_ptr(), co, c, int(back), u.data_ptr(),
+                             torch.get_num_threads())
+        return u
+
+    def weight_from_domain(self, du: Tensor) -> Tensor:
+        """:func:`weight_grad_from_domain`: dU [36, C, C_out] -> dw [C_out, C, 3, 3]."""
+        du = du.contiguous()
+        _, c, co = du.shape
+        dw = torch.empty(co, c, 3, 3)
+        self.lib.wino_weight_grad(du.data_ptr(), c, co, dw.data_ptr(), torch.get_num_threads())
+        return dw
 
     def weight_grad(self, x: Tensor, dy: Tensor) -> Tensor:
         """x: [N, C, H, W], dy: [N, C_out, H, W] (any formats) -> dU: [36, C, C_out], the weight
-        gradient in the Winograd domain (:func:`weight_grad_from_domain` maps it back)."""
+        gradient in the Winograd domain (:meth:`weight_from_domain` maps it back)."""
         nhwc = channels_last(x)
         x, dy = (t.contiguous(memory_format=_format(nhwc)) for t in (x, dy))
         n, c, h, w = x.shape
-        threads = torch.get_num_threads()
-        du = torch.empty(threads, 36, c, dy.shape[1])
-        self.lib.wino_wgrad(x.data_ptr(), dy.data_ptr(), int(nhwc), n, c, h, w, dy.shape[1],
-                            du.data_ptr(), threads)
-        return du.sum(0) if threads > 1 else du[0]
+        threads, co = torch.get_num_threads(), dy.shape[1]
+        du = torch.empty(self.lib.wino_wgrad_slices(c, co, threads, self.mode), 36, c, co)
+        self.lib.wino_wgrad(x.data_ptr(), dy.data_ptr(), int(nhwc), n, c, h, w, co,
+                            du.data_ptr(), threads, self.mode)
+        return du.sum(0) if len(du) > 1 else du[0]
+
+
+class WeightDomain:
+    """A 3x3 weight's Winograd-domain forms, each computed on first use and then kept: ``u`` for
+    the convolution, ``back`` (the flipped, transposed kernel's) for its input gradient."""
+
+    def __init__(self, k: Kernels, weight: Tensor):
+        self.kernels, self.weight = k, weight.detach()
+        self._u: Tensor | None = None
+        self._back: Tensor | None = None
+
+    @property
+    def u(self) -> Tensor:
+        if self._u is None:
+            self._u = self.kernels.weight(self.weight)
+        return self._u
+
+    @property
+    def back(self) -> Tensor:
+        if self._back is None:
+            self._back = self.kernels.weight(self.weight, back=True)
+        return self._back
 
 
 class _WinogradConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None,  # type: ignore[override]
-                k: Kernels, u: Tensor) -> Tensor:
-        """u: ``weight_transform(weight)`` (passed in so that callers may cache it)."""
+                dom: WeightDomain) -> Tensor:
+        """dom: ``weight``'s :class:`WeightDomain` (passed in so that callers may cache it)."""
         x = x.contiguous(memory_format=_format(channels_last(x)))
         ctx.save_for_backward(x, weight)
-        ctx.kernels, ctx.has_bias = k, bias is not None
-        return k.conv(x, u, None if bias is None else bias.detach())
+        ctx.dom, ctx.has_bias = dom, bias is not None
+        return dom.kernels.conv(x, dom.u, None if bias is None else bias.detach())
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        k: Kernels = ctx.kernels
+        x, _ = ctx.saved_tensors  # the weight is saved for autograd's in-place version check
+        dom: WeightDomain = ctx.dom
+        k = dom.kernels
         dy = dy.contiguous(memory_format=_format(channels_last(x)))
         dx = dw = db = None
         if ctx.needs_input_grad[0]:  # the same convolution with the flipped, transposed kernel
-            dx = k.conv(dy, weight_transform(weight.transpose(0, 1).flip(2, 3)), None)
+            dx = k.conv(dy, dom.back, None)
         if ctx.needs_input_grad[1]:
-            dw = weight_grad_from_domain(k.weight_grad(x, dy))
+            dw = k.weight_from_domain(k.weight_grad(x, dy))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
-        return dx, dw, db, None, None
+        return dx, dw, db, None
 
 
 def winograd_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -504,7 +689,7 @@ def winograd_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     if weight.shape[2:] != (3, 3) or x.dim() != 4:
         raise ValueError(f"need a 3x3 kernel and a 4-d input, got {tuple(weight.shape)}, "
                          f"{tuple(x.shape)}")
-    return _WinogradConv.apply(x, weight, bias, k, weight_transform(weight.detach()))
+    return _WinogradConv.apply(x, weight, bias, WeightDomain(k, weight))
 
 
 class WinogradConv2d(nn.Conv2d):
@@ -520,22 +705,21 @@ class WinogradConv2d(nn.Conv2d):
         k = load()
         if k is None or not self._winograd_call(x):
             return super().forward(x)
-        return _WinogradConv.apply(x, self.weight, self.bias, k, self._transformed_weight())
+        return _WinogradConv.apply(x, self.weight, self.bias, self._weight_domain(k))
 
-    def _transformed_weight(self) -> Tensor:
-        """weight_transform(weight); for a weight that is not being trained (inference, frozen
-        LPIPS) cached until it changes in place. A trained weight changes every step: no
-        cache, so nothing can go stale when an engine swaps parameter storage."""
+    def _weight_domain(self, k: Kernels) -> WeightDomain:
+        """The weight's :class:`WeightDomain`; for a weight that is not being trained (inference,
+        the frozen LPIPS) kept until the weight changes in place. A trained weight changes every
+        step: no cache, so nothing can go stale when an engine swaps parameter storage."""
         w = self.weight
         if torch.is_grad_enabled() and w.requires_grad:
-            self.__dict__.pop("_winograd_u", None)
-            return weight_transform(w.detach())
+            self.__dict__.pop("_winograd_domain", None)
+            return WeightDomain(k, w)
         key = (w.data_ptr(), w._version)
-        cached = self.__dict__.get("_winograd_u")
+        cached = self.__dict__.get("_winograd_domain")
         if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, weight_transform(w))
-            self.__dict__["_winograd_u"] = cached
+            cached = (key, WeightDomain(k, w))
+            self.__dict__["_winograd_domain"] = cached
         return cached[1]
 
     def _winograd_call(self, x: Tensor) -> bool:
@@ -577,7 +761,7 @@ def disable_winograd(model: nn.Module) -> int:
         if type(m) is WinogradConv2d:
             m.__class__ = nn.Conv2d
             m.__dict__.pop("winograd_min_size", None)
-            m.__dict__.pop("_winograd_u", None)
+            m.__dict__.pop("_winograd_domain", None)
             count += 1
     return count
 
@@ -588,16 +772,27 @@ def _wrap(lib: ctypes.CDLL) -> Kernels | None:
         logger.info("no AVX-512: convolutions stay on oneDNN's direct kernels")
         return None
     lib.wino_conv.argtypes = [_PTR, _INT, _LONG, _LONG, _LONG, _LONG, _PTR, _LONG, _PTR, _PTR,
-                              _INT]
+                              _INT, _INT]
     lib.wino_conv.restype = None
-    lib.wino_wgrad.argtypes = [_PTR, _PTR, _INT, _LONG, _LONG, _LONG, _LONG, _LONG, _PTR, _INT]
+    lib.wino_wgrad.argtypes = [_PTR, _PTR, _INT, _LONG, _LONG, _LONG, _LONG, _LONG, _PTR, _INT,
+                               _INT]
+    lib.wino_wgrad_slices.argtypes = [_LONG, _LONG, _INT, _INT]
+    lib.wino_weight.argtypes = [_PTR, _LONG, _LONG, _INT, _PTR, _INT]
+    lib.wino_weight.restype = None
+    lib.wino_weight_grad.argtypes = [_PTR, _LONG, _LONG, _PTR, _INT]
+    lib.wino_weight_grad.restype = None
+    lib.wino_wgrad_slices.restype = _LONG
     lib.wino_wgrad.restype = None
     return Kernels(lib)
 
 
 def _self_test(k: Kernels) -> bool:
     """Forward and all three gradients against F.conv2d on odd shapes (borders, channel
-    remainders), in float64 for the reference."""
+    remainders), in float64 for the reference, both layouts and both modes."""
+    return all(_check(Kernels(k.lib, mode)) for mode in (0, 1))
+
+
+def _check(k: Kernels) -> bool:
     gen = torch.Generator().manual_seed(0)
     for n, c, co, h, w in ((2, 16, 32, 16, 16), (1, 32, 16, 13, 10), (2, 48, 80, 7, 9)):
         x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -609,7 +804,7 @@ def _self_test(k: Kernels) -> bool:
         for fmt in (torch.contiguous_format, torch.channels_last):
             xf = x.detach().float().contiguous(memory_format=fmt).requires_grad_()
             wf, bf = (t.detach().float().requires_grad_() for t in (wt, b))
-            y = _WinogradConv.apply(xf, wf, bf, k, weight_transform(wf.detach()))
+            y = _WinogradConv.apply(xf, wf, bf, WeightDomain(k, wf))
             grads = torch.autograd.grad(y, (xf, wf, bf), dy.float())
             for got, want in zip((y, *grads), (ref, *ref_grads), strict=True):
                 scale = want.abs().max().item()

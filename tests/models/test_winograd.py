@@ -14,6 +14,7 @@ from torch import nn
 
 from pipeline.models import VQGAN, VQGANConfig
 from pipeline.models.winograd import (
+    Kernels,
     WinogradConv2d,
     disable_winograd,
     eligible,
@@ -48,7 +49,8 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     (1, 96, 112, 64, 24, True),  # several chunks per thread; GEMM blocks of 6 rows + remainder
 ])
 @pytest.mark.parametrize("fmt", ["nchw", "channels_last"])
-def test_forward_and_gradients_match_conv2d(kernels, n, c, co, h, w, bias, fmt):
+@pytest.mark.parametrize("mode", ["chunked", "whole"])
+def test_forward_and_gradients_match_conv2d(kernels, n, c, co, h, w, bias, fmt, mode):
     gen = torch.Generator().manual_seed(n * h + w)
     x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
     wt = torch.randn(co, c, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -62,7 +64,7 @@ def test_forward_and_gradients_match_conv2d(kernels, n, c, co, h, w, bias, fmt):
     xf = x.detach().float().contiguous(memory_format=layout).requires_grad_()
     wf = wt.detach().float().requires_grad_()
     bf = b.detach().float().requires_grad_() if bias else None
-    y = winograd_conv2d(xf, wf, bf, kernels)
+    y = winograd_conv2d(xf, wf, bf, Kernels(kernels.lib, mode=int(mode == "whole")))
     # the output, and the input gradient, keep the input's memory format (what F.conv2d does)
     assert y.is_contiguous(memory_format=layout)
     grads = torch.autograd.grad(y, (xf, wf) + ((bf,) if bias else ()), dy.float())
@@ -71,6 +73,15 @@ def test_forward_and_gradients_match_conv2d(kernels, n, c, co, h, w, bias, fmt):
     assert _rel_err(y, ref) < 5e-5
     for got, want in zip(grads, ref_grads, strict=True):
         assert _rel_err(got, want) < 5e-5
+
+
+def test_kernel_weight_transforms_match_the_torch_definitions(kernels):
+    w = torch.randn(48, 32, 3, 3)
+    assert torch.allclose(kernels.weight(w), weight_transform(w), atol=1e-5)
+    back = weight_transform(w.transpose(0, 1).flip(2, 3))  # the input gradient's kernel
+    assert torch.allclose(kernels.weight(w, back=True), back, atol=1e-5)
+    du = torch.randn(36, 32, 48)
+    assert torch.allclose(kernels.weight_from_domain(du), weight_grad_from_domain(du), atol=1e-4)
 
 
 def test_weight_transform_and_its_adjoint():
@@ -143,8 +154,9 @@ def test_direct_path_where_winograd_does_not_pay_or_apply(kernels):
         assert conv(big).dtype == torch.bfloat16
     assert not eligible(nn.Conv2d(16, 16, 3, padding=1, stride=2))
     assert not eligible(nn.Conv2d(3, 16, 3, padding=1))  # channels not a multiple of 16
-    assert not eligible(nn.Conv2d(256, 256, 3, padding=1))  # past max_channels (slower there)
-    assert eligible(nn.Conv2d(256, 256, 3, padding=1), max_channels=256)
+    assert eligible(nn.Conv2d(512, 512, 3, padding=1))  # the LPIPS VGG's widest
+    assert not eligible(nn.Conv2d(1024, 1024, 3, padding=1))  # past max_channels (untested)
+    assert not eligible(nn.Conv2d(512, 512, 3, padding=1), max_channels=256)
 
 
 def test_disabled_by_environment_leaves_models_alone():
