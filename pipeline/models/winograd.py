@@ -300,10 +300,11 @@ static void gemm(const float* A, long ars, long aks, long rows, long K, const fl
 /* Two ways to run the 36 products. "Chunked": per chunk of tiles, all 36 products against the
    whole U (U = 36 x C x Co floats is re-read per chunk, from L2 or L3). "Whole": transform every
    tile first, then each U[p] panel once against all tiles (U read once; the transform domain goes
-   through memory). mode: 0 chunked, 1 whole, -1 whole where U exceeds `limit` bytes. Measured
-   (batch 8, 2 threads, ms chunked/whole): forward 256->256 at 16 px 3.8/4.5, 256->512 at 8 px
-   8.5/2.8; weight gradient 64->64 at 64 px 5.9/10.3, 128->128 at 16 px 1.7/1.0. */
-#define FORWARD_WHOLE_ABOVE (12L << 20)
+   through memory). mode: 0 chunked, 1 whole, -1 whole where U exceeds the limit in bytes.
+   Measured inside a training step (batch 8, 2 threads, where U is cold; ms per call, chunked /
+   whole): forward 128->128 at 32 px 8.4/12.4, 256->256 at 16 px 9.7/5.3; weight gradient
+   64->64 at 64 px 5.9/10.3, 128->128 at 16 px 1.7/1.0. */
+#define FORWARD_WHOLE_ABOVE (4L << 20)
 #define WGRAD_WHOLE_ABOVE (640L << 10)
 static int whole_mode(int mode, long C, long Co, long limit) {
   return mode >= 0 ? mode : 36 * C * Co * (long)sizeof(float) > limit;
