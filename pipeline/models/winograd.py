@@ -300,14 +300,17 @@ static void gemm(const float* A, long ars, long aks, long rows, long K, const fl
 /* Two ways to run the 36 products. "Chunked": per chunk of tiles, all 36 products against the
    whole U (U = 36 x C x Co floats is re-read per chunk, from L2 or L3). "Whole": transform every
    tile first, then each U[p] panel once against all tiles (U read once; the transform domain goes
-   through memory). mode: 0 chunked, 1 whole, -1 whole where U exceeds the limit in bytes.
+   through memory). mode: 0 chunked, 1 whole, -1 choose: whole where U exceeds `limit` bytes,
+   or where U outgrows L2 and the whole transform domain (36 x T x (C + Co) floats) is small.
    Measured inside a training step (batch 8, 2 threads, where U is cold; ms per call, chunked /
    whole): forward 128->128 at 32 px 8.4/12.4, 256->256 at 16 px 9.7/5.3; weight gradient
    64->64 at 64 px 5.9/10.3, 128->128 at 16 px 1.7/1.0. */
 #define FORWARD_WHOLE_ABOVE (4L << 20)
 #define WGRAD_WHOLE_ABOVE (640L << 10)
-static int whole_mode(int mode, long C, long Co, long limit) {
-  return mode >= 0 ? mode : 36 * C * Co * (long)sizeof(float) > limit;
+static int whole_mode(int mode, long C, long Co, long T, long limit) {
+  const long u = 36 * C * Co * (long)sizeof(float);
+  const long domain = 36 * T * (C + Co) * (long)sizeof(float);
+  return mode >= 0 ? mode : u > limit || (u > (640L << 10) && domain <= (8L << 20));
 }
 
 /* Tiles per chunk: `floats` bounds each transform-domain buffer (36 x TB x channels) so that the
@@ -330,7 +333,7 @@ static long chunk_tiles(long C, long Co, long T, int threads, long floats) {
 void wino_conv(const float* x, int nhwc, long N, long C, long H, long W, const float* U,
                long Co, const float* bias, float* y, int threads, int mode) {
   const long th = (H + 3) / 4, tw = (W + 3) / 4, T = N * th * tw;
-  if (whole_mode(mode, C, Co, FORWARD_WHOLE_ABOVE)) {
+  if (whole_mode(mode, C, Co, T, FORWARD_WHOLE_ABOVE)) {
     float* V = aligned_alloc(64, sizeof(float) * 36 * T * C);
     float* M = aligned_alloc(64, sizeof(float) * 36 * T * Co);
     const long panels = (Co + 31) / 32;
@@ -391,7 +394,7 @@ void wino_conv(const float* x, int nhwc, long N, long C, long H, long W, const f
 void wino_wgrad(const float* x, const float* dy, int nhwc, long N, long C, long H, long W,
                 long Co, float* dU, int threads, int mode) {
   const long th = (H + 3) / 4, tw = (W + 3) / 4, T = N * th * tw;
-  if (whole_mode(mode, C, Co, WGRAD_WHOLE_ABOVE)) { /* one slice: dU[p] = V[p]^T G[p], all tiles */
+  if (whole_mode(mode, C, Co, T, WGRAD_WHOLE_ABOVE)) { /* one slice: dU[p] = V[p]^T G[p] */
     float* V = aligned_alloc(64, sizeof(float) * 36 * T * C);
     float* G = aligned_alloc(64, sizeof(float) * 36 * T * Co);
     const long panels = (Co + 31) / 32;
@@ -508,8 +511,9 @@ void wino_weight_grad(const float* dU, long C, long Co, float* dw, int threads) 
 }
 
 /* How many [36][C][Co] slices wino_wgrad writes (summed by the caller). */
-long wino_wgrad_slices(long C, long Co, int threads, int mode) {
-  return whole_mode(mode, C, Co, WGRAD_WHOLE_ABOVE) ? 1 : threads;
+long wino_wgrad_slices(long N, long C, long H, long W, long Co, int threads, int mode) {
+  const long T = N * ((H + 3) / 4) * ((W + 3) / 4);
+  return whole_mode(mode, C, Co, T, WGRAD_WHOLE_ABOVE) ? 1 : threads;
 }
 
 int wino_has_avx512(void) {
@@ -623,7 +627,8 @@ class Kernels:
         x, dy = (t.contiguous(memory_format=_format(nhwc)) for t in (x, dy))
         n, c, h, w = x.shape
         threads, co = torch.get_num_threads(), dy.shape[1]
-        du = torch.empty(self.lib.wino_wgrad_slices(c, co, threads, self.mode), 36, c, co)
+        slices = self.lib.wino_wgrad_slices(n, c, h, w, co, threads, self.mode)
+        du = torch.empty(slices, 36, c, co)
         self.lib.wino_wgrad(x.data_ptr(), dy.data_ptr(), int(nhwc), n, c, h, w, co,
                             du.data_ptr(), threads, self.mode)
         return du.sum(0) if len(du) > 1 else du[0]
@@ -777,7 +782,7 @@ def _wrap(lib: ctypes.CDLL) -> Kernels | None:
     lib.wino_conv.restype = None
     lib.wino_wgrad.argtypes = [_PTR, _PTR, _INT, _LONG, _LONG, _LONG, _LONG, _LONG, _PTR, _INT,
                                _INT]
-    lib.wino_wgrad_slices.argtypes = [_LONG, _LONG, _INT, _INT]
+    lib.wino_wgrad_slices.argtypes = [_LONG, _LONG, _LONG, _LONG, _LONG, _INT, _INT]
     lib.wino_weight.argtypes = [_PTR, _LONG, _LONG, _INT, _PTR, _INT]
     lib.wino_weight.restype = None
     lib.wino_weight_grad.argtypes = [_PTR, _LONG, _LONG, _PTR, _INT]
