@@ -17,7 +17,8 @@ images/s) and the issue's targets (2× and 1.5× those: 9.4 and 224) and ``pass`
 - ``train_images_per_s``: the model step alone, this process, ``--threads`` torch threads, no
   Ray, no DeepSpeed;
 - ``encode_images_per_s``: eval-mode ``VQGAN.encode`` under ``torch.inference_mode``, the faster
-  of NCHW and channels_last (both reported beside it; with Winograd NCHW wins);
+  of NCHW and channels_last (both reported beside it; channels_last wins: the Winograd
+  kernels read it with vector loads);
 - ``stage_images_per_s``: the real train_vqgan stage (Ray Train, two DeepSpeed engines per
   worker, ZeRO at the stage's default) with 2 workers × 1 CPU and micro batch 8 per worker, on
   ``--stage-source`` sharded at 64 px: the ``images_per_s`` the stage writes to
@@ -67,7 +68,6 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from bench.stage_run import history_rate, run_stages, temp_root  # noqa: E402
 from pipeline.models import (  # noqa: E402
     LPIPS,
     VQGAN,
@@ -81,9 +81,6 @@ from pipeline.models import (  # noqa: E402
 )
 from pipeline.models.perf import tune_cpu_allocator  # noqa: E402
 from pipeline.models.winograd import DEFAULT_MIN_SIZE, enable_winograd  # noqa: E402
-from pipeline.storage import join  # noqa: E402
-from stages.shard import STAGE as SHARD  # noqa: E402
-from stages.train_vqgan import STAGE as TRAIN_VQGAN  # noqa: E402
 
 BENCH_CONFIG = VQGANConfig(
     resolution=64, ch=64, ch_mult=[1, 1, 2, 2], num_res_blocks=1, attn_resolutions=[8],
@@ -372,6 +369,12 @@ def stage_overrides(root: str, source: str, steps: int, log_every: int) -> list[
 def measure_stage(root: str, source: str, steps: int, log_every: int) -> dict[str, Any]:
     """shard → train_vqgan under ``root``; the stage's images/s (median of the history records
     after the first), every record, and its setup."""
+    # Imported here: the model figures (and bench/gpu.py, which imports this module on a GPU
+    # machine without the pipeline's dependencies) need torch and pipeline.models only.
+    from bench.stage_run import history_rate, run_stages
+    from stages.shard import STAGE as SHARD
+    from stages.train_vqgan import STAGE as TRAIN_VQGAN
+
     manifests, cfg, seconds = run_stages([SHARD, TRAIN_VQGAN],
                                          stage_overrides(root, source, steps, log_every))
     median, rates = history_rate(manifests["train_vqgan"], "images_per_s")
@@ -388,6 +391,9 @@ def main(argv: list[str] | None = None) -> None:
     result = measure_model(args)
     stage = None
     if not args.no_stage:
+        from bench.stage_run import temp_root
+        from pipeline.storage import join
+
         with temp_root("bench-vqgan-", args.keep) as root:
             stage = measure_stage(join(root, "runs"), args.stage_source, args.stage_steps,
                                   args.stage_log_every)
