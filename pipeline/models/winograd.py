@@ -4,14 +4,18 @@ multiplications, forward and backward (optional C kernels, AVX-512 CPUs).
 Why: the VQGAN's time on CPU is its 3x3 convolutions (encoder, decoder and the LPIPS VGG; about
 80% of a training step at 64 px), and oneDNN's direct convolution already runs them near this
 CPU's fp32 peak. Winograd's minimal filtering computes each 4x4 output tile from a 6x6 input tile
-with 36 products per input channel instead of 144: per chunk of tiles, an input transform,
-36 independent [tiles, C] x [C, C_out] matrix products and an output transform, all in one C
-kernel (:data:`_SOURCE`) while the chunk is in cache. Built at first use through
+with 36 products per input channel instead of 144: an input transform, 36 independent
+[tiles, C] x [C, C_out] matrix products (AVX-512 register blocks of 6 x 32) and an output
+transform, in C (:data:`_SOURCE`). Two schedules: per chunk of tiles while the chunk is in cache
+(layers whose transformed kernel fits in L2), or the whole batch at once with each transformed
+kernel read once (wide layers, small maps). NCHW and channels_last activations (the latter read
+with vector loads, the faster). Built at first use through
 :func:`pipeline.models.native.build_checked` (probe, self-test, on-disk cache) and threaded with
 OpenMP (the libgomp torch already loaded).
 
 Gradients use the same pieces: d/dx is the same convolution of dy with the flipped, transposed
-kernel; d/dw multiplies the input transform by the transform of dy (A dy A^T) in the Winograd
+kernel (its transform kept with the weight's while a weight is not trained: the frozen VGG);
+d/dw multiplies the input transform by the transform of dy (A dy A^T) in the Winograd
 domain and maps back with G^T . G; the bias gradient is a sum. No double backward
 (``once_differentiable``).
 

@@ -144,6 +144,25 @@ def test_inference_cache_follows_in_place_weight_changes(kernels):
     assert not torch.allclose(second, first, atol=1e-2)
 
 
+def test_frozen_weight_keeps_its_transforms_and_backpropagates_to_the_input(kernels):
+    # the frozen LPIPS VGG: no weight gradient, both transforms kept across steps
+    conv = nn.Conv2d(32, 48, 3, padding=1).requires_grad_(False)
+    enable_winograd(conv)
+    x = torch.randn(2, 32, 12, 12, dtype=torch.float64)
+    for _ in range(2):
+        xf = x.float().requires_grad_()
+        (dx,) = torch.autograd.grad(conv(xf).square().sum(), xf)
+        xd = x.clone().requires_grad_()
+        ref = F.conv2d(xd, conv.weight.double(), conv.bias.double(), padding=1)
+        (want,) = torch.autograd.grad(ref.square().sum(), xd)
+        assert _rel_err(dx, want) < 5e-5
+    dom = conv._weight_domain(kernels)
+    assert dom is conv._weight_domain(kernels) and dom._u is not None and dom._back is not None
+    with torch.no_grad():
+        conv.weight.add_(1)
+    assert conv._weight_domain(kernels) is not dom  # an in-place change drops both
+
+
 def test_direct_path_where_winograd_does_not_pay_or_apply(kernels):
     conv = nn.Conv2d(16, 16, 3, padding=1)
     enable_winograd(conv, min_size=16)
