@@ -331,39 +331,90 @@ static long chunk_tiles(long C, long Co, long T, int threads, long floats) {
   return tb - tb % 6;
 }
 
-/* y = conv3x3(x, w) + bias, stride 1, padding 1. x: [N, C, H, W]; U: [36][C][Co] (the
-   transformed kernel, contiguous); y: [N, Co, H, W]. C and Co multiples of 16. Fused per chunk
-   of tiles: input transform, 36 GEMMs, output transform, all in per-thread buffers. */
-void wino_conv(const float* x, int nhwc, long N, long C, long H, long W, const float* U,
-               long Co, const float* bias, float* y, int threads, int mode) {
+/* Tiles per group of the whole schedule: the transform domain of one group (36 x G x (C + Co)
+   floats) stays within group_bytes, so memory stays bounded for large images (at 256 px, batch
+   8, 128 channels the whole batch would need 1.2 GB); U is read once per group. */
+static long group_tiles(long C, long Co, long T, long group_bytes) {
+  long g = group_bytes / (36 * (C + Co) * (long)sizeof(float));
+  g = g < 6 ? 6 : g;
+  return g < T ? g : T;
+}
+
+/* The whole schedule of wino_conv, group by group: transform the group's tiles, then each
+   (p, 32-column panel) product over all of them, then the output transform. */
+static void conv_whole(const float* x, int nhwc, long N, long C, long H, long W, const float* U,
+                       long Co, const float* bias, float* y, int threads, long group_bytes) {
   const long th = (H + 3) / 4, tw = (W + 3) / 4, T = N * th * tw;
-  if (whole_mode(mode, C, Co, T, FORWARD_WHOLE_ABOVE)) {
-    float* V = aligned_alloc(64, sizeof(float) * 36 * T * C);
-    float* M = aligned_alloc(64, sizeof(float) * 36 * T * Co);
-    const long panels = (Co + 31) / 32;
+  const long G = group_tiles(C, Co, T, group_bytes), panels = (Co + 31) / 32;
+  float* V = aligned_alloc(64, sizeof(float) * 36 * G * C);
+  float* M = aligned_alloc(64, sizeof(float) * 36 * G * Co);
+  for (long g0 = 0; g0 < T; g0 += G) {
+    const long nt = T - g0 < G ? T - g0 : G;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-      for (long t = 0; t < T; ++t) {
-        const long n = t / (th * tw), a = (t / tw) % th, b = t % tw;
+      for (long i = 0; i < nt; ++i) {
+        const long t = g0 + i, n = t / (th * tw), a = (t / tw) % th, b = t % tw;
         for (long c0 = 0; c0 < C; c0 += CB)
-          input_tile(x, nhwc, C, H, W, n, a, b, c0, CB, V + t * C + c0, T * C);
+          input_tile(x, nhwc, C, H, W, n, a, b, c0, CB, V + i * C + c0, G * C);
       }
 #pragma omp for schedule(static)
       for (long q = 0; q < 36 * panels; ++q) {
         const long p = q / panels, j0 = (q % panels) * 32;
-        gemm(V + p * T * C, C, 1, T, C, U + p * C * Co + j0, Co, Co - j0 < 32 ? Co - j0 : 32,
-             M + p * T * Co + j0, Co, 0);
+        gemm(V + p * G * C, C, 1, nt, C, U + p * C * Co + j0, Co, Co - j0 < 32 ? Co - j0 : 32,
+             M + p * G * Co + j0, Co, 0);
       }
 #pragma omp for schedule(static)
-      for (long t = 0; t < T; ++t) {
-        const long n = t / (th * tw), a = (t / tw) % th, b = t % tw;
+      for (long i = 0; i < nt; ++i) {
+        const long t = g0 + i, n = t / (th * tw), a = (t / tw) % th, b = t % tw;
         for (long c0 = 0; c0 < Co; c0 += CB)
-          output_tile(M + t * Co + c0, T * Co, bias, y, nhwc, Co, H, W, n, a, b, c0, CB);
+          output_tile(M + i * Co + c0, G * Co, bias, y, nhwc, Co, H, W, n, a, b, c0, CB);
       }
     }
-    free(V);
-    free(M);
+  }
+  free(V);
+  free(M);
+}
+
+/* The whole schedule of wino_wgrad: dU[p] (one slice) = sum over groups of V[p]^T G[p]. */
+static void wgrad_whole(const float* x, const float* dy, int nhwc, long N, long C, long H,
+                        long W, long Co, float* dU, int threads, long group_bytes) {
+  const long th = (H + 3) / 4, tw = (W + 3) / 4, T = N * th * tw;
+  const long G = group_tiles(C, Co, T, group_bytes), panels = (Co + 31) / 32;
+  float* V = aligned_alloc(64, sizeof(float) * 36 * G * C);
+  float* D = aligned_alloc(64, sizeof(float) * 36 * G * Co);
+  for (long g0 = 0; g0 < T; g0 += G) {
+    const long nt = T - g0 < G ? T - g0 : G;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+      for (long i = 0; i < nt; ++i) {
+        const long t = g0 + i, n = t / (th * tw), a = (t / tw) % th, b = t % tw;
+        for (long c0 = 0; c0 < C; c0 += CB)
+          input_tile(x, nhwc, C, H, W, n, a, b, c0, CB, V + i * C + c0, G * C);
+        for (long c0 = 0; c0 < Co; c0 += CB)
+          grad_tile(dy, nhwc, Co, H, W, n, a, b, c0, CB, D + i * Co + c0, G * Co);
+      }
+#pragma omp for schedule(static)
+      for (long q = 0; q < 36 * panels; ++q) {
+        const long p = q / panels, j0 = (q % panels) * 32;
+        gemm(V + p * G * C, 1, C, C, nt, D + p * G * Co + j0, Co, Co - j0 < 32 ? Co - j0 : 32,
+             dU + p * C * Co + j0, Co, g0 > 0);
+      }
+    }
+  }
+  free(V);
+  free(D);
+}
+
+/* y = conv3x3(x, w) + bias, stride 1, padding 1. x: [N, C, H, W]; U: [36][C][Co] (the
+   transformed kernel, contiguous); y: [N, Co, H, W]. C and Co multiples of 16. Fused per chunk
+   of tiles: input transform, 36 GEMMs, output transform, all in per-thread buffers. */
+void wino_conv(const float* x, int nhwc, long N, long C, long H, long W, const float* U,
+               long Co, const float* bias, float* y, int threads, int mode, long group_bytes) {
+  const long th = (H + 3) / 4, tw = (W + 3) / 4, T = N * th * tw;
+  if (whole_mode(mode, C, Co, T, FORWARD_WHOLE_ABOVE)) {
+    conv_whole(x, nhwc, N, C, H, W, U, Co, bias, y, threads, group_bytes);
     return;
   }
   const long TB = chunk_tiles(C, Co, T, threads, 32768), chunks = (T + TB - 1) / TB;
@@ -396,31 +447,10 @@ void wino_conv(const float* x, int nhwc, long N, long C, long H, long W, const f
    x: [N, C, H, W] and dy: [N, Co, H, W]. dU: [wino_wgrad_slices(..)][36][C][Co]: chunked, one
    slice per thread (summed by the caller); whole, one. C and Co multiples of 16. */
 void wino_wgrad(const float* x, const float* dy, int nhwc, long N, long C, long H, long W,
-                long Co, float* dU, int threads, int mode) {
+                long Co, float* dU, int threads, int mode, long group_bytes) {
   const long th = (H + 3) / 4, tw = (W + 3) / 4, T = N * th * tw;
   if (whole_mode(mode, C, Co, T, WGRAD_WHOLE_ABOVE)) { /* one slice: dU[p] = V[p]^T G[p] */
-    float* V = aligned_alloc(64, sizeof(float) * 36 * T * C);
-    float* G = aligned_alloc(64, sizeof(float) * 36 * T * Co);
-    const long panels = (Co + 31) / 32;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-      for (long t = 0; t < T; ++t) {
-        const long n = t / (th * tw), a = (t / tw) % th, b = t % tw;
-        for (long c0 = 0; c0 < C; c0 += CB)
-          input_tile(x, nhwc, C, H, W, n, a, b, c0, CB, V + t * C + c0, T * C);
-        for (long c0 = 0; c0 < Co; c0 += CB)
-          grad_tile(dy, nhwc, Co, H, W, n, a, b, c0, CB, G + t * Co + c0, T * Co);
-      }
-#pragma omp for schedule(static)
-      for (long q = 0; q < 36 * panels; ++q) {
-        const long p = q / panels, j0 = (q % panels) * 32;
-        gemm(V + p * T * C, 1, C, C, T, G + p * T * Co + j0, Co, Co - j0 < 32 ? Co - j0 : 32,
-             dU + p * C * Co + j0, Co, 0);
-      }
-    }
-    free(V);
-    free(G);
+    wgrad_whole(x, dy, nhwc, N, C, H, W, Co, dU, threads, group_bytes);
     return;
   }
   const long TB = chunk_tiles(C, Co, T, threads, 98304), chunks = (T + TB - 1) / TB;
@@ -535,8 +565,8 @@ int main(void) {
   for (int i = 0; i < 36 * 16 * 16; ++i) U[i] = (float)(i % 7) - 3.f;
   for (int nhwc = 0; nhwc < 2; ++nhwc) {
     for (int mode = 0; mode < 2; ++mode) {
-      wino_conv(x, nhwc, 2, 16, 9, 7, U, 16, 0, y, 2, mode);
-      wino_wgrad(x, y, nhwc, 2, 16, 9, 7, 16, dU, 2, mode);
+      wino_conv(x, nhwc, 2, 16, 9, 7, U, 16, 0, y, 2, mode, 1 << 20);
+      wino_wgrad(x, y, nhwc, 2, 16, 9, 7, 16, dU, 2, mode, 1 << 20);
     }
   }
   return 0;
@@ -592,6 +622,8 @@ class Kernels:
     lib: ctypes.CDLL
     # -1: the kernels choose chunked or whole per layer (see _SOURCE); 0 / 1 force one (tests)
     mode: int = -1
+    # bound on the whole schedule's transform-domain buffers (tiles go in groups that fit)
+    group_bytes: int = 32 << 20
 
     def conv(self, x: Tensor, u: Tensor, bias: Tensor | None) -> Tensor:
         """x: [N, C, H, W], u: [36, C, C_out] from :func:`weight_transform` -> y: [N, C_out, H, W]
@@ -603,7 +635,7 @@ class Kernels:
         bias = None if bias is None else bias.contiguous()
         self.lib.wino_conv(x.data_ptr(), int(nhwc), n, c, h, w, u.data_ptr(), u.shape[2],
                            None if bias is None else bias.data_ptr(), y.data_ptr(),
-                           torch.get_num_threads(), self.mode)
+                           torch.get_num_threads(), self.mode, self.group_bytes)
         return y
 
     def weight(self, w: Tensor, back: bool = False) -> Tensor:
@@ -634,7 +666,7 @@ class Kernels:
         slices = self.lib.wino_wgrad_slices(n, c, h, w, co, threads, self.mode)
         du = torch.empty(slices, 36, c, co)
         self.lib.wino_wgrad(x.data_ptr(), dy.data_ptr(), int(nhwc), n, c, h, w, co,
-                            du.data_ptr(), threads, self.mode)
+                            du.data_ptr(), threads, self.mode, self.group_bytes)
         return du.sum(0) if len(du) > 1 else du[0]
 
 
@@ -782,10 +814,10 @@ def _wrap(lib: ctypes.CDLL) -> Kernels | None:
         logger.info("no AVX-512: convolutions stay on oneDNN's direct kernels")
         return None
     lib.wino_conv.argtypes = [_PTR, _INT, _LONG, _LONG, _LONG, _LONG, _PTR, _LONG, _PTR, _PTR,
-                              _INT, _INT]
+                              _INT, _INT, _LONG]
     lib.wino_conv.restype = None
     lib.wino_wgrad.argtypes = [_PTR, _PTR, _INT, _LONG, _LONG, _LONG, _LONG, _LONG, _PTR, _INT,
-                               _INT]
+                               _INT, _LONG]
     lib.wino_wgrad_slices.argtypes = [_LONG, _LONG, _LONG, _LONG, _LONG, _INT, _INT]
     lib.wino_weight.argtypes = [_PTR, _LONG, _LONG, _INT, _PTR, _INT]
     lib.wino_weight.restype = None
@@ -799,7 +831,9 @@ def _wrap(lib: ctypes.CDLL) -> Kernels | None:
 def _self_test(k: Kernels) -> bool:
     """Forward and all three gradients against F.conv2d on odd shapes (borders, channel
     remainders), in float64 for the reference, both layouts and both modes."""
-    return all(_check(Kernels(k.lib, mode)) for mode in (0, 1))
+    # whole with small groups: several groups per call on these shapes
+    return all(_check(Kernels(k.lib, mode, group_bytes)) for mode, group_bytes in
+               ((0, k.group_bytes), (1, k.group_bytes), (1, 36 * 128 * 4 * 8)))
 
 
 def _check(k: Kernels) -> bool:

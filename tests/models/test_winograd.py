@@ -49,7 +49,7 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     (1, 96, 112, 64, 24, True),  # several chunks per thread; GEMM blocks of 6 rows + remainder
 ])
 @pytest.mark.parametrize("fmt", ["nchw", "channels_last"])
-@pytest.mark.parametrize("mode", ["chunked", "whole"])
+@pytest.mark.parametrize("mode", ["chunked", "whole", "whole_in_groups"])
 def test_forward_and_gradients_match_conv2d(kernels, n, c, co, h, w, bias, fmt, mode):
     gen = torch.Generator().manual_seed(n * h + w)
     x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -64,7 +64,10 @@ def test_forward_and_gradients_match_conv2d(kernels, n, c, co, h, w, bias, fmt, 
     xf = x.detach().float().contiguous(memory_format=layout).requires_grad_()
     wf = wt.detach().float().requires_grad_()
     bf = b.detach().float().requires_grad_() if bias else None
-    y = winograd_conv2d(xf, wf, bf, Kernels(kernels.lib, mode=int(mode == "whole")))
+    # whole_in_groups: buffers for ~7 tiles, so every shape here takes several groups
+    k = Kernels(kernels.lib, mode=int(mode != "chunked"),
+                group_bytes=36 * 4 * (c + co) * 7 if mode == "whole_in_groups" else 32 << 20)
+    y = winograd_conv2d(xf, wf, bf, k)
     # the output, and the input gradient, keep the input's memory format (what F.conv2d does)
     assert y.is_contiguous(memory_format=layout)
     grads = torch.autograd.grad(y, (xf, wf) + ((bf,) if bias else ()), dy.float())
