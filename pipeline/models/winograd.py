@@ -331,6 +331,28 @@ static long chunk_tiles(long C, long Co, long T, int threads, long floats) {
   return tb - tb % 6;
 }
 
+/* Tile t (of th x tw tiles per image) over all channel blocks: t's input transform into dst,
+   dy's A-transform into dst, or the output transform of src into y. */
+static void tile_in(const float* x, int nhwc, long C, long H, long W, long th, long tw, long t,
+                    float* dst, long ds) {
+  const long n = t / (th * tw), a = (t / tw) % th, b = t % tw;
+  for (long c0 = 0; c0 < C; c0 += CB) input_tile(x, nhwc, C, H, W, n, a, b, c0, CB, dst + c0, ds);
+}
+
+static void tile_grad(const float* dy, int nhwc, long Co, long H, long W, long th, long tw, long t,
+                      float* dst, long ds) {
+  const long n = t / (th * tw), a = (t / tw) % th, b = t % tw;
+  for (long c0 = 0; c0 < Co; c0 += CB)
+    grad_tile(dy, nhwc, Co, H, W, n, a, b, c0, CB, dst + c0, ds);
+}
+
+static void tile_out(const float* src, long ds, const float* bias, float* y, int nhwc, long Co,
+                     long H, long W, long th, long tw, long t) {
+  const long n = t / (th * tw), a = (t / tw) % th, b = t % tw;
+  for (long c0 = 0; c0 < Co; c0 += CB)
+    output_tile(src + c0, ds, bias, y, nhwc, Co, H, W, n, a, b, c0, CB);
+}
+
 /* Tiles per group of the whole schedule: the transform domain of one group (36 x G x (C + Co)
    floats) stays within group_bytes, so memory stays bounded for large images (at 256 px, batch
    8, 128 channels the whole batch would need 1.2 GB); U is read once per group. */
@@ -340,71 +362,44 @@ static long group_tiles(long C, long Co, long T, long group_bytes) {
   return g < T ? g : T;
 }
 
-/* The whole schedule of wino_conv, group by group: transform the group's tiles, then each
-   (p, 32-column panel) product over all of them, then the output transform. */
-static void conv_whole(const float* x, int nhwc, long N, long C, long H, long W, const float* U,
-                       long Co, const float* bias, float* y, int threads, long group_bytes) {
+/* The whole schedule, group by group: transform the group's tiles, then each (p, 32-column
+   panel) product over all of them. dy == NULL: the convolution (U, bias -> out = y, then the
+   output transform); else the weight gradient (out = dU, one slice, summed over the groups). */
+static void run_whole(const float* x, const float* dy, int nhwc, long N, long C, long H, long W,
+                      const float* U, long Co, const float* bias, float* out, int threads,
+                      long group_bytes) {
   const long th = (H + 3) / 4, tw = (W + 3) / 4, T = N * th * tw;
   const long G = group_tiles(C, Co, T, group_bytes), panels = (Co + 31) / 32;
-  float* V = aligned_alloc(64, sizeof(float) * 36 * G * C);
-  float* M = aligned_alloc(64, sizeof(float) * 36 * G * Co);
+  float* V = aligned_alloc(64, sizeof(float) * 36 * G * C);  /* input transforms */
+  float* R = aligned_alloc(64, sizeof(float) * 36 * G * Co); /* products, or dy's transforms */
   for (long g0 = 0; g0 < T; g0 += G) {
     const long nt = T - g0 < G ? T - g0 : G;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
       for (long i = 0; i < nt; ++i) {
-        const long t = g0 + i, n = t / (th * tw), a = (t / tw) % th, b = t % tw;
-        for (long c0 = 0; c0 < C; c0 += CB)
-          input_tile(x, nhwc, C, H, W, n, a, b, c0, CB, V + i * C + c0, G * C);
+        tile_in(x, nhwc, C, H, W, th, tw, g0 + i, V + i * C, G * C);
+        if (dy) tile_grad(dy, nhwc, Co, H, W, th, tw, g0 + i, R + i * Co, G * Co);
       }
 #pragma omp for schedule(static)
       for (long q = 0; q < 36 * panels; ++q) {
-        const long p = q / panels, j0 = (q % panels) * 32;
-        gemm(V + p * G * C, C, 1, nt, C, U + p * C * Co + j0, Co, Co - j0 < 32 ? Co - j0 : 32,
-             M + p * G * Co + j0, Co, 0);
+        const long p = q / panels, j0 = (q % panels) * 32, nc = Co - j0 < 32 ? Co - j0 : 32;
+        if (dy) /* dU[p] (+)= V[p]^T R[p] */
+          gemm(V + p * G * C, 1, C, C, nt, R + p * G * Co + j0, Co, nc, out + p * C * Co + j0,
+               Co, g0 > 0);
+        else /* R[p] = V[p] U[p] */
+          gemm(V + p * G * C, C, 1, nt, C, U + p * C * Co + j0, Co, nc, R + p * G * Co + j0, Co,
+               0);
       }
+      if (!dy) {
 #pragma omp for schedule(static)
-      for (long i = 0; i < nt; ++i) {
-        const long t = g0 + i, n = t / (th * tw), a = (t / tw) % th, b = t % tw;
-        for (long c0 = 0; c0 < Co; c0 += CB)
-          output_tile(M + i * Co + c0, G * Co, bias, y, nhwc, Co, H, W, n, a, b, c0, CB);
+        for (long i = 0; i < nt; ++i)
+          tile_out(R + i * Co, G * Co, bias, out, nhwc, Co, H, W, th, tw, g0 + i);
       }
     }
   }
   free(V);
-  free(M);
-}
-
-/* The whole schedule of wino_wgrad: dU[p] (one slice) = sum over groups of V[p]^T G[p]. */
-static void wgrad_whole(const float* x, const float* dy, int nhwc, long N, long C, long H,
-                        long W, long Co, float* dU, int threads, long group_bytes) {
-  const long th = (H + 3) / 4, tw = (W + 3) / 4, T = N * th * tw;
-  const long G = group_tiles(C, Co, T, group_bytes), panels = (Co + 31) / 32;
-  float* V = aligned_alloc(64, sizeof(float) * 36 * G * C);
-  float* D = aligned_alloc(64, sizeof(float) * 36 * G * Co);
-  for (long g0 = 0; g0 < T; g0 += G) {
-    const long nt = T - g0 < G ? T - g0 : G;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-      for (long i = 0; i < nt; ++i) {
-        const long t = g0 + i, n = t / (th * tw), a = (t / tw) % th, b = t % tw;
-        for (long c0 = 0; c0 < C; c0 += CB)
-          input_tile(x, nhwc, C, H, W, n, a, b, c0, CB, V + i * C + c0, G * C);
-        for (long c0 = 0; c0 < Co; c0 += CB)
-          grad_tile(dy, nhwc, Co, H, W, n, a, b, c0, CB, D + i * Co + c0, G * Co);
-      }
-#pragma omp for schedule(static)
-      for (long q = 0; q < 36 * panels; ++q) {
-        const long p = q / panels, j0 = (q % panels) * 32;
-        gemm(V + p * G * C, 1, C, C, nt, D + p * G * Co + j0, Co, Co - j0 < 32 ? Co - j0 : 32,
-             dU + p * C * Co + j0, Co, g0 > 0);
-      }
-    }
-  }
-  free(V);
-  free(D);
+  free(R);
 }
 
 /* y = conv3x3(x, w) + bias, stride 1, padding 1. x: [N, C, H, W]; U: [36][C][Co] (the
@@ -414,7 +409,7 @@ void wino_conv(const float* x, int nhwc, long N, long C, long H, long W, const f
                long Co, const float* bias, float* y, int threads, int mode, long group_bytes) {
   const long th = (H + 3) / 4, tw = (W + 3) / 4, T = N * th * tw;
   if (whole_mode(mode, C, Co, T, FORWARD_WHOLE_ABOVE)) {
-    conv_whole(x, nhwc, N, C, H, W, U, Co, bias, y, threads, group_bytes);
+    run_whole(x, NULL, nhwc, N, C, H, W, U, Co, bias, y, threads, group_bytes);
     return;
   }
   const long TB = chunk_tiles(C, Co, T, threads, 32768), chunks = (T + TB - 1) / TB;
@@ -425,18 +420,11 @@ void wino_conv(const float* x, int nhwc, long N, long C, long H, long W, const f
 #pragma omp for schedule(static)
     for (long ch = 0; ch < chunks; ++ch) {
       const long t0 = ch * TB, nt = T - t0 < TB ? T - t0 : TB;
-      for (long i = 0; i < nt; ++i) {
-        const long t = t0 + i, n = t / (th * tw), a = (t / tw) % th, b = t % tw;
-        for (long c0 = 0; c0 < C; c0 += CB)
-          input_tile(x, nhwc, C, H, W, n, a, b, c0, CB, V + i * C + c0, TB * C);
-      }
+      for (long i = 0; i < nt; ++i) tile_in(x, nhwc, C, H, W, th, tw, t0 + i, V + i * C, TB * C);
       for (int p = 0; p < 36; ++p)
         gemm(V + p * TB * C, C, 1, nt, C, U + p * C * Co, Co, Co, M + p * TB * Co, Co, 0);
-      for (long i = 0; i < nt; ++i) {
-        const long t = t0 + i, n = t / (th * tw), a = (t / tw) % th, b = t % tw;
-        for (long c0 = 0; c0 < Co; c0 += CB)
-          output_tile(M + i * Co + c0, TB * Co, bias, y, nhwc, Co, H, W, n, a, b, c0, CB);
-      }
+      for (long i = 0; i < nt; ++i)
+        tile_out(M + i * Co, TB * Co, bias, y, nhwc, Co, H, W, th, tw, t0 + i);
     }
     free(V);
     free(M);
@@ -450,7 +438,7 @@ void wino_wgrad(const float* x, const float* dy, int nhwc, long N, long C, long 
                 long Co, float* dU, int threads, int mode, long group_bytes) {
   const long th = (H + 3) / 4, tw = (W + 3) / 4, T = N * th * tw;
   if (whole_mode(mode, C, Co, T, WGRAD_WHOLE_ABOVE)) { /* one slice: dU[p] = V[p]^T G[p] */
-    wgrad_whole(x, dy, nhwc, N, C, H, W, Co, dU, threads, group_bytes);
+    run_whole(x, dy, nhwc, N, C, H, W, NULL, Co, NULL, dU, threads, group_bytes);
     return;
   }
   const long TB = chunk_tiles(C, Co, T, threads, 98304), chunks = (T + TB - 1) / TB;
@@ -464,11 +452,8 @@ void wino_wgrad(const float* x, const float* dy, int nhwc, long N, long C, long 
     for (long ch = 0; ch < chunks; ++ch) {
       const long t0 = ch * TB, nt = T - t0 < TB ? T - t0 : TB;
       for (long i = 0; i < nt; ++i) {
-        const long t = t0 + i, n = t / (th * tw), a = (t / tw) % th, b = t % tw;
-        for (long c0 = 0; c0 < C; c0 += CB)
-          input_tile(x, nhwc, C, H, W, n, a, b, c0, CB, V + i * C + c0, TB * C);
-        for (long c0 = 0; c0 < Co; c0 += CB)
-          grad_tile(dy, nhwc, Co, H, W, n, a, b, c0, CB, G + i * Co + c0, TB * Co);
+        tile_in(x, nhwc, C, H, W, th, tw, t0 + i, V + i * C, TB * C);
+        tile_grad(dy, nhwc, Co, H, W, th, tw, t0 + i, G + i * Co, TB * Co);
       }
       for (int p = 0; p < 36; ++p) /* rows: input channels; K: the chunk's tiles */
         gemm(V + p * TB * C, 1, C, C, nt, G + p * TB * Co, Co, Co, mine + p * C * Co, Co, 1);
