@@ -3,11 +3,11 @@
 Prints one JSON object. Config (the issue's): resolution 64, ch 64, ch_mult [1,1,2,2], 1 res
 block, attention at 8, z/embed 64, 512 codes, batch 8, discriminator on (disc_start 0), LPIPS
 with the random backbone (same compute as VGG16 LPIPS), fp32 unless ``--bf16`` (CPU autocast).
-3x3 convolutions by Winograd F(4x4, 3x3) where it pays, as the stage does in fp32
+3x3 stride-1 convolutions by Winograd F(4x4, 3x3) (all of them), as the stage does in fp32
 (:mod:`pipeline.models.winograd`; ``--winograd 0`` for oneDNN's direct convolutions only).
 
     .venv/bin/python bench/vqgan.py [--threads 2] [--steps 4] [--rounds 3] [--bf16]
-        [--winograd 16] [--channels-last] [--no-tune-allocator] [--no-reference] [--batch 8]
+        [--winograd 4] [--channels-last] [--no-tune-allocator] [--no-reference] [--batch 8]
         [--stage-steps 30] [--stage-log-every 5] [--stage-source builtin:digits] [--no-stage]
         [--keep]
 
