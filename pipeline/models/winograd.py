@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .native import build_checked
+from .vqgan import ResnetBlock
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ _SOURCE = r"""
    Every kernel works on blocks of CB channels held as the innermost array dimension, so the
    compiler vectorises across channels (one AVX-512 register per row element). */
 
+#include <math.h>
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -119,12 +121,58 @@ static inline void a4(float y[4][CB], float out[6][CB]) {
   }
 }
 
+/* An optional prologue on the input as it is loaded (inference): v = v * scale[n][c] + shift[n][c]
+   (a GroupNorm folded into per-image, per-channel affine terms), then SiLU if silu. Applied to
+   pixels inside the image only: the padding stays zero, as it is for the normalised map. */
+typedef struct {
+  const float* scale; /* [N][C] */
+  const float* shift; /* [N][C] */
+  int silu;
+} Pre;
+
+#if defined(__AVX512F__)
+/* exp(x) for |x| <= 88: Cody-Waite reduction by ln 2, Cephes' degree-6 polynomial, vscalefps. */
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-88.f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, k);
+}
+#endif
+
+static void apply_pre(const Pre* pre, long n, long C, long c0, float* v) {
+  const float* sc = pre->scale + n * C + c0;
+  const float* sh = pre->shift + n * C + c0;
+#if defined(__AVX512F__)
+  __m512 a = _mm512_fmadd_ps(_mm512_loadu_ps(v), _mm512_loadu_ps(sc), _mm512_loadu_ps(sh));
+  if (pre->silu) /* a / (1 + exp(-a)) */
+    a = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.f),
+                                       exp16(_mm512_sub_ps(_mm512_setzero_ps(), a))));
+  _mm512_storeu_ps(v, a);
+#else
+  for (int l = 0; l < CB; ++l) {
+    const float a = v[l] * sc[l] + sh[l];
+    v[l] = pre->silu ? a / (1.f + expf(-a)) : a;
+  }
+#endif
+}
+
 /* Tile loads and stores, one per layout. A tile block is CB channels of one tile with the
    channels innermost: d[i][j][k] is channel c0+k at tile row i, column j (zeros outside the
    image and for lanes k >= kc). NCHW gathers each channel's 6x6 patch (scalar loads); NHWC
    reads CB consecutive channels per pixel (vector loads). */
 static void load_nchw(const float* x, long C, long H, long W, long n, long y0, long x0, long c0,
-                      long kc, int rows, int cols, float* d) {
+                      long kc, int rows, int cols, float* d, const Pre* pre) {
+  (void)pre; /* the prologue is channels_last only (wino_conv checks) */
   const int inside = y0 >= 0 && y0 + rows <= H && x0 >= 0 && x0 + cols <= W;
   if (!inside || kc < CB) memset(d, 0, sizeof(float) * rows * cols * CB);
   for (long k = 0; k < kc; ++k) {
@@ -142,7 +190,7 @@ static void load_nchw(const float* x, long C, long H, long W, long n, long y0, l
 }
 
 static void load_nhwc(const float* x, long C, long H, long W, long n, long y0, long x0, long c0,
-                      long kc, int rows, int cols, float* d) {
+                      long kc, int rows, int cols, float* d, const Pre* pre) {
   for (int i = 0; i < rows; ++i) {
     const long yy = y0 + i;
     for (int j = 0; j < cols; ++j) {
@@ -154,6 +202,7 @@ static void load_nhwc(const float* x, long C, long H, long W, long n, long y0, l
         const float* src = x + ((n * H + yy) * W + xx) * C + c0;
         if (kc == CB) {
           memcpy(dst, src, sizeof(float) * CB);
+          if (pre) apply_pre(pre, n, C, c0, dst); /* callers give pre with full blocks only */
         } else {
           memset(dst, 0, sizeof(float) * CB);
           memcpy(dst, src, sizeof(float) * kc);
@@ -188,9 +237,10 @@ static void store_nhwc(const float* o, float* y, long C, long H, long W, long n,
 /* The 36 transformed vectors of input tile (n, a, b), channels c0..c0+kc-1 (kc <= CB; lanes
    past kc are zero): dst[p*ds + k] = (B^T d B)[p/6][p%6] for channel c0+k. */
 static void input_tile(const float* x, int nhwc, long C, long H, long W, long n, long a, long b,
-                       long c0, long kc, float* dst, long ds) {
+                       long c0, long kc, float* dst, long ds, const Pre* pre) {
   float d[6][6][CB], r[6][6][CB], col[6][CB], out[6][CB];
-  (nhwc ? load_nhwc : load_nchw)(x, C, H, W, n, 4 * a - 1, 4 * b - 1, c0, kc, 6, 6, &d[0][0][0]);
+  (nhwc ? load_nhwc : load_nchw)(x, C, H, W, n, 4 * a - 1, 4 * b - 1, c0, kc, 6, 6, &d[0][0][0],
+                                 pre);
   for (int j = 0; j < 6; ++j) { /* columns, then rows */
     for (int i = 0; i < 6; ++i) memcpy(col[i], d[i][j], sizeof col[i]);
     bt6(col, out);
@@ -207,7 +257,7 @@ static void input_tile(const float* x, int nhwc, long C, long H, long W, long n,
 static void grad_tile(const float* dy, int nhwc, long C, long H, long W, long n, long a, long b,
                       long c0, long kc, float* dst, long ds) {
   float g[4][4][CB], r[6][4][CB], col[4][CB], out[6][CB];
-  (nhwc ? load_nhwc : load_nchw)(dy, C, H, W, n, 4 * a, 4 * b, c0, kc, 4, 4, &g[0][0][0]);
+  (nhwc ? load_nhwc : load_nchw)(dy, C, H, W, n, 4 * a, 4 * b, c0, kc, 4, 4, &g[0][0][0], NULL);
   for (int j = 0; j < 4; ++j) {
     for (int i = 0; i < 4; ++i) memcpy(col[i], g[i][j], sizeof col[i]);
     a4(col, out);
@@ -334,9 +384,10 @@ static long chunk_tiles(long C, long Co, long T, int threads, long floats) {
 /* Tile t (of th x tw tiles per image) over all channel blocks: t's input transform into dst,
    dy's A-transform into dst, or the output transform of src into y. */
 static void tile_in(const float* x, int nhwc, long C, long H, long W, long th, long tw, long t,
-                    float* dst, long ds) {
+                    float* dst, long ds, const Pre* pre) {
   const long n = t / (th * tw), a = (t / tw) % th, b = t % tw;
-  for (long c0 = 0; c0 < C; c0 += CB) input_tile(x, nhwc, C, H, W, n, a, b, c0, CB, dst + c0, ds);
+  for (long c0 = 0; c0 < C; c0 += CB)
+    input_tile(x, nhwc, C, H, W, n, a, b, c0, CB, dst + c0, ds, pre);
 }
 
 static void tile_grad(const float* dy, int nhwc, long Co, long H, long W, long th, long tw, long t,
@@ -367,7 +418,7 @@ static long group_tiles(long C, long Co, long T, long group_bytes) {
    output transform); else the weight gradient (out = dU, one slice, summed over the groups). */
 static void run_whole(const float* x, const float* dy, int nhwc, long N, long C, long H, long W,
                       const float* U, long Co, const float* bias, float* out, int threads,
-                      long group_bytes) {
+                      long group_bytes, const Pre* pre) {
   const long th = (H + 3) / 4, tw = (W + 3) / 4, T = N * th * tw;
   const long G = group_tiles(C, Co, T, group_bytes), panels = (Co + 31) / 32;
   float* V = aligned_alloc(64, sizeof(float) * 36 * G * C);  /* input transforms */
@@ -378,7 +429,7 @@ static void run_whole(const float* x, const float* dy, int nhwc, long N, long C,
     {
 #pragma omp for schedule(static)
       for (long i = 0; i < nt; ++i) {
-        tile_in(x, nhwc, C, H, W, th, tw, g0 + i, V + i * C, G * C);
+        tile_in(x, nhwc, C, H, W, th, tw, g0 + i, V + i * C, G * C, pre);
         if (dy) tile_grad(dy, nhwc, Co, H, W, th, tw, g0 + i, R + i * Co, G * Co);
       }
 #pragma omp for schedule(static)
@@ -406,10 +457,14 @@ static void run_whole(const float* x, const float* dy, int nhwc, long N, long C,
    transformed kernel, contiguous); y: [N, Co, H, W]. C and Co multiples of 16. Fused per chunk
    of tiles: input transform, 36 GEMMs, output transform, all in per-thread buffers. */
 void wino_conv(const float* x, int nhwc, long N, long C, long H, long W, const float* U,
-               long Co, const float* bias, float* y, int threads, int mode, long group_bytes) {
+               long Co, const float* bias, float* y, int threads, int mode, long group_bytes,
+               const float* pre_scale, const float* pre_shift, int pre_silu) {
   const long th = (H + 3) / 4, tw = (W + 3) / 4, T = N * th * tw;
+  const Pre pre_terms = {pre_scale, pre_shift, pre_silu};
+  const Pre* pre = pre_scale && nhwc && C % CB == 0 ? &pre_terms : NULL;
+  if (pre_scale && !pre) return; /* refused: the caller checks layout and channels first */
   if (whole_mode(mode, C, Co, T, FORWARD_WHOLE_ABOVE)) {
-    run_whole(x, NULL, nhwc, N, C, H, W, U, Co, bias, y, threads, group_bytes);
+    run_whole(x, NULL, nhwc, N, C, H, W, U, Co, bias, y, threads, group_bytes, pre);
     return;
   }
   const long TB = chunk_tiles(C, Co, T, threads, 32768), chunks = (T + TB - 1) / TB;
@@ -420,7 +475,8 @@ void wino_conv(const float* x, int nhwc, long N, long C, long H, long W, const f
 #pragma omp for schedule(static)
     for (long ch = 0; ch < chunks; ++ch) {
       const long t0 = ch * TB, nt = T - t0 < TB ? T - t0 : TB;
-      for (long i = 0; i < nt; ++i) tile_in(x, nhwc, C, H, W, th, tw, t0 + i, V + i * C, TB * C);
+      for (long i = 0; i < nt; ++i)
+        tile_in(x, nhwc, C, H, W, th, tw, t0 + i, V + i * C, TB * C, pre);
       for (int p = 0; p < 36; ++p)
         gemm(V + p * TB * C, C, 1, nt, C, U + p * C * Co, Co, Co, M + p * TB * Co, Co, 0);
       for (long i = 0; i < nt; ++i)
@@ -438,7 +494,7 @@ void wino_wgrad(const float* x, const float* dy, int nhwc, long N, long C, long 
                 long Co, float* dU, int threads, int mode, long group_bytes) {
   const long th = (H + 3) / 4, tw = (W + 3) / 4, T = N * th * tw;
   if (whole_mode(mode, C, Co, T, WGRAD_WHOLE_ABOVE)) { /* one slice: dU[p] = V[p]^T G[p] */
-    run_whole(x, dy, nhwc, N, C, H, W, NULL, Co, NULL, dU, threads, group_bytes);
+    run_whole(x, dy, nhwc, N, C, H, W, NULL, Co, NULL, dU, threads, group_bytes, NULL);
     return;
   }
   const long TB = chunk_tiles(C, Co, T, threads, 98304), chunks = (T + TB - 1) / TB;
@@ -452,7 +508,7 @@ void wino_wgrad(const float* x, const float* dy, int nhwc, long N, long C, long 
     for (long ch = 0; ch < chunks; ++ch) {
       const long t0 = ch * TB, nt = T - t0 < TB ? T - t0 : TB;
       for (long i = 0; i < nt; ++i) {
-        tile_in(x, nhwc, C, H, W, th, tw, t0 + i, V + i * C, TB * C);
+        tile_in(x, nhwc, C, H, W, th, tw, t0 + i, V + i * C, TB * C, NULL);
         tile_grad(dy, nhwc, Co, H, W, th, tw, t0 + i, G + i * Co, TB * Co);
       }
       for (int p = 0; p < 36; ++p) /* rows: input channels; K: the chunk's tiles */
@@ -529,6 +585,26 @@ void wino_weight_grad(const float* dU, long C, long Co, float* dw, int threads) 
     }
 }
 
+/* Per-image, per-channel sums of a channels_last map x: [N][HW][C] -> s1[n][c] = sum x,
+   s2[n][c] = sum x^2, in double (GroupNorm statistics in one read). */
+void nhwc_channel_sums(const float* x, long N, long HW, long C, double* s1, double* s2,
+                       int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long n = 0; n < N; ++n) {
+    double* a = s1 + n * C;
+    double* b = s2 + n * C;
+    for (long c = 0; c < C; ++c) a[c] = b[c] = 0.0;
+    for (long i = 0; i < HW; ++i) {
+      const float* row = x + (n * HW + i) * C;
+      for (long c = 0; c < C; ++c) {
+        const double v = row[c];
+        a[c] += v;
+        b[c] += v * v;
+      }
+    }
+  }
+}
+
 /* How many [36][C][Co] slices wino_wgrad writes (summed by the caller). */
 long wino_wgrad_slices(long N, long C, long H, long W, long Co, int threads, int mode) {
   const long T = N * ((H + 3) / 4) * ((W + 3) / 4);
@@ -550,7 +626,7 @@ int main(void) {
   for (int i = 0; i < 36 * 16 * 16; ++i) U[i] = (float)(i % 7) - 3.f;
   for (int nhwc = 0; nhwc < 2; ++nhwc) {
     for (int mode = 0; mode < 2; ++mode) {
-      wino_conv(x, nhwc, 2, 16, 9, 7, U, 16, 0, y, 2, mode, 1 << 20);
+      wino_conv(x, nhwc, 2, 16, 9, 7, U, 16, 0, y, 2, mode, 1 << 20, x, x, nhwc);
       wino_wgrad(x, y, nhwc, 2, 16, 9, 7, 16, dU, 2, mode, 1 << 20);
     }
   }
@@ -560,7 +636,7 @@ int main(void) {
 """
 
 # One flag set: without -march=native there is no AVX-512 GEMM, and _wrap declines the library.
-_FLAG_SETS = [["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]]
+_FLAG_SETS = [["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm"]]
 
 # G (6x3) of F(4x4, 3x3): U = G w G^T maps a 3x3 kernel into the 6x6 Winograd domain.
 _G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
@@ -610,18 +686,51 @@ class Kernels:
     # bound on the whole schedule's transform-domain buffers (tiles go in groups that fit)
     group_bytes: int = 32 << 20
 
-    def conv(self, x: Tensor, u: Tensor, bias: Tensor | None) -> Tensor:
+    def conv(self, x: Tensor, u: Tensor, bias: Tensor | None,
+             pre: tuple[Tensor, Tensor, bool] | None = None) -> Tensor:
         """x: [N, C, H, W], u: [36, C, C_out] from :func:`weight_transform` -> y: [N, C_out, H, W]
-        = conv3x3(x, w) + bias, padding 1, in x's memory format."""
+        = conv3x3(x, w) + bias, padding 1, in x's memory format.
+
+        ``pre = (scale, shift, silu)`` (scale, shift: [N, C] float32; channels_last x only):
+        convolve ``silu(x * scale + shift)`` (SiLU if ``silu``) instead of x, the prologue
+        applied as tiles load, so the normalised map is never written (see
+        :meth:`group_norm_terms`)."""
         nhwc = channels_last(x)
         x = x.contiguous(memory_format=_format(nhwc))
         n, c, h, w = x.shape
+        if pre is not None and not (nhwc and c % 16 == 0):
+            raise ValueError("pre: needs a channels_last input with channels a multiple of 16")
         y = torch.empty(n, u.shape[2], h, w, memory_format=_format(nhwc))
         bias = None if bias is None else bias.contiguous()
+        scale, shift = (None, None) if pre is None else (t.contiguous() for t in pre[:2])
         self.lib.wino_conv(x.data_ptr(), int(nhwc), n, c, h, w, u.data_ptr(), u.shape[2],
                            None if bias is None else bias.data_ptr(), y.data_ptr(),
-                           torch.get_num_threads(), self.mode, self.group_bytes)
+                           torch.get_num_threads(), self.mode, self.group_bytes,
+                           None if scale is None else scale.data_ptr(),
+                           None if shift is None else shift.data_ptr(),
+                           int(pre is not None and pre[2]))
         return y
+
+    def group_norm_terms(self, x: Tensor, norm: nn.GroupNorm) -> tuple[Tensor, Tensor]:
+        """``norm(x) == x * scale + shift`` with per-image, per-channel scale, shift: [N, C]
+        (float32), for a channels_last float32 x: one read of x (statistics in float64)."""
+        x = x.contiguous(memory_format=torch.channels_last)
+        n, c, h, w = x.shape
+        s1 = torch.empty(n, c, dtype=torch.float64)
+        s2 = torch.empty(n, c, dtype=torch.float64)
+        self.lib.nhwc_channel_sums(x.data_ptr(), n, h * w, c, s1.data_ptr(), s2.data_ptr(),
+                                   torch.get_num_threads())
+        g = norm.num_groups
+        count = h * w * (c // g)
+        mean = s1.view(n, g, -1).sum(-1) / count  # [N, G]
+        var = (s2.view(n, g, -1).sum(-1) / count - mean * mean).clamp_min(0)
+        rstd = (var + norm.eps).rsqrt()
+        scale = rstd.repeat_interleave(c // g, dim=1)  # [N, C]
+        shift = -mean.repeat_interleave(c // g, dim=1) * scale
+        if norm.affine:
+            scale = scale * norm.weight.detach().double()
+            shift = shift * norm.weight.detach().double() + norm.bias.detach().double()
+        return scale.float(), shift.float()
 
     def weight(self, w: Tensor, back: bool = False) -> Tensor:
         """:func:`weight_transform` of w [C_out, C, 3, 3] -> [36, C, C_out]; ``back``: that of the
@@ -756,6 +865,37 @@ class WinogradConv2d(nn.Conv2d):
                 and min(x.shape[2], x.shape[3]) >= self.winograd_min_size)
 
 
+class FusedResnetBlock(ResnetBlock):
+    """A VQGAN :class:`~pipeline.models.vqgan.ResnetBlock` whose inference calls on
+    channels_last float32 CPU maps fold each GroupNorm + SiLU into the next Winograd
+    convolution's tile loads (:meth:`Kernels.conv` ``pre``): the normalised map is never written
+    or read back. Same function to ~1e-6 relative. Made by :func:`enable_winograd` (class swap,
+    same state dict); calls that need a gradient, or that the Winograd layers would not take,
+    run ResnetBlock's own forward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = load()
+        if k is None or not self._fusable(x):
+            return super().forward(x)
+        h = k.conv(x, self.conv1._weight_domain(k).u, self.conv1.bias,
+                   (*k.group_norm_terms(x, self.norm1), True))
+        h = k.conv(h, self.conv2._weight_domain(k).u, self.conv2.bias,
+                   (*k.group_norm_terms(h, self.norm2), True))
+        if self.in_channels != self.out_channels:
+            x = self.nin_shortcut(x)
+        return h.add_(x)
+
+    def _fusable(self, x: Tensor) -> bool:
+        convs = (self.conv1, self.conv2)
+        return (not (torch.is_grad_enabled() and (x.requires_grad or any(
+                    p.requires_grad for p in self.parameters())))
+                and not (self.training and self.dropout.p > 0)
+                and all(isinstance(c, WinogradConv2d) for c in convs)
+                and channels_last(x) and self.conv1._winograd_call(x)
+                and self.conv2._winograd_call(x)  # same height and width
+                and x.shape[1] % 16 == 0 and self.out_channels % 16 == 0)
+
+
 def eligible(conv: nn.Module, max_channels: int = DEFAULT_MAX_CHANNELS) -> bool:
     """A plain 3x3, stride-1, padding-1, ungrouped, zero-padded 2-d convolution whose channel
     counts are multiples of 16 (the kernels' vector width) and at most ``max_channels``."""
@@ -768,8 +908,9 @@ def eligible(conv: nn.Module, max_channels: int = DEFAULT_MAX_CHANNELS) -> bool:
 
 def enable_winograd(model: nn.Module, min_size: int = DEFAULT_MIN_SIZE,
                     max_channels: int = DEFAULT_MAX_CHANNELS) -> int:
-    """Turn every eligible ``nn.Conv2d`` in ``model`` into a :class:`WinogradConv2d`; returns
-    how many. 0 (model untouched) where the kernels cannot be built here."""
+    """Turn every eligible ``nn.Conv2d`` in ``model`` into a :class:`WinogradConv2d`, and every
+    VQGAN ``ResnetBlock`` into a :class:`FusedResnetBlock`; returns how many convolutions
+    changed. 0 (model untouched) where the kernels cannot be built here."""
     if load() is None:
         return 0
     count = 0
@@ -778,6 +919,8 @@ def enable_winograd(model: nn.Module, min_size: int = DEFAULT_MIN_SIZE,
             m.__class__ = WinogradConv2d
             m.winograd_min_size = min_size
             count += 1
+        elif type(m) is ResnetBlock:
+            m.__class__ = FusedResnetBlock
     return count
 
 
@@ -785,6 +928,8 @@ def disable_winograd(model: nn.Module) -> int:
     """Undo :func:`enable_winograd`; returns how many modules went back to ``nn.Conv2d``."""
     count = 0
     for m in model.modules():
+        if type(m) is FusedResnetBlock:
+            m.__class__ = ResnetBlock
         if type(m) is WinogradConv2d:
             m.__class__ = nn.Conv2d
             m.__dict__.pop("winograd_min_size", None)
@@ -799,7 +944,7 @@ def _wrap(lib: ctypes.CDLL) -> Kernels | None:
         logger.info("no AVX-512: convolutions stay on oneDNN's direct kernels")
         return None
     lib.wino_conv.argtypes = [_PTR, _INT, _LONG, _LONG, _LONG, _LONG, _PTR, _LONG, _PTR, _PTR,
-                              _INT, _INT, _LONG]
+                              _INT, _INT, _LONG, _PTR, _PTR, _INT]
     lib.wino_conv.restype = None
     lib.wino_wgrad.argtypes = [_PTR, _PTR, _INT, _LONG, _LONG, _LONG, _LONG, _LONG, _PTR, _INT,
                                _INT, _LONG]
@@ -808,6 +953,8 @@ def _wrap(lib: ctypes.CDLL) -> Kernels | None:
     lib.wino_weight.restype = None
     lib.wino_weight_grad.argtypes = [_PTR, _LONG, _LONG, _PTR, _INT]
     lib.wino_weight_grad.restype = None
+    lib.nhwc_channel_sums.argtypes = [_PTR, _LONG, _LONG, _LONG, _PTR, _PTR, _INT]
+    lib.nhwc_channel_sums.restype = None
     lib.wino_wgrad_slices.restype = _LONG
     lib.wino_wgrad.restype = None
     return Kernels(lib)
@@ -839,6 +986,17 @@ def _check(k: Kernels) -> bool:
                 scale = want.abs().max().item()
                 if (got.double() - want).abs().max().item() > 1e-4 * scale:
                     return False
+        # the GroupNorm + SiLU prologue (channels_last, inference)
+        norm = nn.GroupNorm(c // 8, c, eps=1e-6).double()
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5, generator=gen)
+            norm.bias.normal_(generator=gen)
+            want = F.conv2d(F.silu(norm(x)), wt, b, padding=1)
+            xl = x.detach().float().contiguous(memory_format=torch.channels_last)
+            got = k.conv(xl, k.weight(wt.float()), b.float(),
+                         (*k.group_norm_terms(xl, norm.float()), True))
+        if (got.double() - want).abs().max().item() > 1e-4 * want.abs().max().item():
+            return False
     return True
 
 

@@ -210,3 +210,52 @@ def test_built_kernels_are_cached_between_processes(tmp_path, monkeypatch):
     assert again is None  # the compiler is part of the key: a different one rebuilds (and fails)
     again = native.build_library(cc, flags, str(tmp_path / "none"), "k", source)
     assert again is not None and again.twice(4) == 8
+
+
+@pytest.mark.parametrize("silu", [True, False])
+def test_group_norm_prologue_matches_group_norm_then_conv(kernels, silu):
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 64, 19, 13, generator=gen) * 3 + 1).contiguous(
+        memory_format=torch.channels_last)  # a mean offset: the float64 statistics matter
+    norm = nn.GroupNorm(32, 64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=gen)
+        norm.bias.normal_(generator=gen)
+    w, b = torch.randn(48, 64, 3, 3, generator=gen), torch.randn(48, generator=gen)
+    scale, shift = kernels.group_norm_terms(x, norm)
+    with torch.no_grad():
+        normed = norm(x)
+        assert torch.allclose(x * scale[:, :, None, None] + shift[:, :, None, None], normed,
+                              atol=1e-5)
+        want = F.conv2d(F.silu(normed) if silu else normed, w, b, padding=1)
+        got = kernels.conv(x, kernels.weight(w), b, (scale, shift, silu))
+    assert _rel_err(got, want.double()) < 5e-5
+    with pytest.raises(ValueError, match="channels_last"):
+        kernels.conv(x.contiguous(), kernels.weight(w), b, (scale, shift, silu))
+
+
+@pytest.mark.parametrize("c_in,c_out", [(32, 32), (32, 64)])
+def test_fused_resnet_block_matches_the_plain_block(kernels, c_in, c_out):
+    from pipeline.models.vqgan import ResnetBlock
+    from pipeline.models.winograd import FusedResnetBlock
+
+    torch.manual_seed(0)
+    block = ResnetBlock(c_in, c_out).eval()
+    plain = ResnetBlock(c_in, c_out).eval()
+    plain.load_state_dict(block.state_dict())
+    enable_winograd(block)
+    assert type(block) is FusedResnetBlock
+    x = torch.randn(2, c_in, 17, 12).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert block._fusable(x) and not block._fusable(x.contiguous())
+        fused, want = block(x), plain(x)
+        assert _rel_err(fused, want.double()) < 5e-5
+        # NCHW: not fused (the block's own forward, still through the Winograd layers)
+        assert _rel_err(block(x.contiguous()), want.double()) < 5e-5
+    # with autograd: the block's own forward, so gradients flow
+    xg = x.clone().requires_grad_()
+    assert not block._fusable(xg)
+    block(xg).sum().backward()
+    assert xg.grad is not None and block.conv1.weight.grad is not None
+    disable_winograd(block)
+    assert type(block) is ResnetBlock
