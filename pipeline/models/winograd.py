@@ -702,7 +702,7 @@ class Kernels:
             raise ValueError("pre: needs a channels_last input with channels a multiple of 16")
         y = torch.empty(n, u.shape[2], h, w, memory_format=_format(nhwc))
         bias = None if bias is None else bias.contiguous()
-        scale, shift = (None, None) if pre is None else (t.contiguous() for t in pre[:2])
+        scale, shift = (None, None) if pre is None else (t.float().contiguous() for t in pre[:2])
         self.lib.wino_conv(x.data_ptr(), int(nhwc), n, c, h, w, u.data_ptr(), u.shape[2],
                            None if bias is None else bias.data_ptr(), y.data_ptr(),
                            torch.get_num_threads(), self.mode, self.group_bytes,
