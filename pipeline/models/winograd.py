@@ -649,16 +649,16 @@ _LONG, _PTR, _INT = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
 
 
 def weight_transform(weight: Tensor) -> Tensor:
-    """[C_out, C, 3, 3] -> U: [36, C, C_out] contiguous, U[p] = (G w G^T)[p]."""
+    """[C_out, C, 3, 3] -> U: [36, C, C_out] contiguous, U[p] = (G w G^T)[p]. The definition in
+    torch (any dtype); the layers use :meth:`Kernels.weight`, its C twin."""
     co, c = weight.shape[:2]
-    # One [36, 9] x [9, C*C_out] product straight into the kernel's layout (7x faster at 128
-    # channels than transforming first and transposing after).
     u = _KG.to(weight.dtype) @ weight.permute(2, 3, 1, 0).reshape(9, c * co)
     return u.view(36, c, co)
 
 
 def weight_grad_from_domain(du: Tensor) -> Tensor:
-    """dU: [36, C, C_out] -> dw: [C_out, C, 3, 3] (the adjoint of :func:`weight_transform`)."""
+    """dU: [36, C, C_out] -> dw: [C_out, C, 3, 3] (the adjoint of :func:`weight_transform`). The
+    definition in torch; the layers use :meth:`Kernels.weight_from_domain`."""
     _, c, co = du.shape
     dw = _KG.t().to(du.dtype) @ du.reshape(36, c * co)  # [9, C*C_out]
     return dw.view(3, 3, c, co).permute(3, 2, 0, 1).contiguous()
@@ -890,10 +890,9 @@ class FusedResnetBlock(ResnetBlock):
         return (not (torch.is_grad_enabled() and (x.requires_grad or any(
                     p.requires_grad for p in self.parameters())))
                 and not (self.training and self.dropout.p > 0)
-                and all(isinstance(c, WinogradConv2d) for c in convs)
+                and all(isinstance(c, WinogradConv2d) for c in convs)  # channels fit
                 and channels_last(x) and self.conv1._winograd_call(x)
-                and self.conv2._winograd_call(x)  # same height and width
-                and x.shape[1] % 16 == 0 and self.out_channels % 16 == 0)
+                and self.conv2._winograd_call(x))  # same height and width
 
 
 def eligible(conv: nn.Module, max_channels: int = DEFAULT_MAX_CHANNELS) -> bool:
