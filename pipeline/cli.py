@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -49,11 +50,14 @@ def cmd_run(args: argparse.Namespace, pipe: Pipeline) -> int:
         return 0
     pipe.select(args.only or (), args.from_, args.until)  # bad flags fail before any write
     storage = Storage.from_config(cfg.storage)
+    main_rank = not args.no_ray or os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 reports
     try:
         manifests = pipe.run(cfg, storage, only=args.only or (), from_=args.from_,
-                             until=args.until, force=args.force or (), on_ray=ensure_ray)
+                             until=args.until, force=args.force or (), on_ray=ensure_ray,
+                             local=args.no_ray)
     finally:  # also after a failed stage: the report shows what is done so far
-        _report(pipe, cfg, storage)
+        if main_rank:
+            _report(pipe, cfg, storage)
     log.info("run %r complete: %s", cfg.run, ", ".join(manifests) or "nothing selected")
     print(pipe.run_uri(cfg))
     return 0
@@ -205,6 +209,10 @@ def build_parser(stage_names: Sequence[str]) -> argparse.ArgumentParser:
                      help="run this stage and everything upstream of it")
     run.add_argument("--force", action="append", metavar="STAGE",
                      help="delete this stage's outputs and run it again (repeatable)")
+    run.add_argument("--no-ray", action="store_true",
+                     help="run without Ray, in this process: training stages on the same loop "
+                          "(one process, or each rank of a torchrun launch), shard and tokenize "
+                          "one shard after another. For machines without Ray (a GPU box)")
     run.add_argument("--print-config", action="store_true",
                      help="print the resolved config and exit")
     run.set_defaults(func=cmd_run)

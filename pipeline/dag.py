@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -69,6 +70,9 @@ class StageContext:
     storage: Storage
     inputs: dict[str, dict[str, Any]]  # upstream stage name → its manifest
     tracker_spec: TrackerSpec | None = None
+    # True: no Ray in this run; the stage works in this process (training on the local loop,
+    # shard and tokenize serially). See Pipeline.run(local=...).
+    local: bool = False
     _tracker: Tracker | None = field(default=None, repr=False)
 
     @property
@@ -268,12 +272,15 @@ class Pipeline:
 
     def run(self, cfg: Any, storage: Storage | None = None, *, only: Iterable[str] = (),
             from_: str | None = None, until: str | None = None, force: Iterable[str] = (),
-            on_ray: Callable[[Any], None] | None = None) -> dict[str, dict[str, Any]]:
+            on_ray: Callable[[Any], None] | None = None,
+            local: bool = False) -> dict[str, dict[str, Any]]:
         """Run the selected stages; returns every selected stage's manifest.
 
         Complete stages are skipped unless named in ``force`` (their folder is then removed
         first). An upstream stage that is not selected must already be complete. ``on_ray`` is
-        called once with ``cfg`` before the first stage that needs Ray actually runs.
+        called once with ``cfg`` before the first stage that needs Ray actually runs; with
+        ``local`` there is no Ray at all: every stage runs in this process
+        (``StageContext.local``).
         Raises StageFailed naming the stage when one raises; it leaves no manifest.
         """
         storage = storage or Storage.from_config(cfg.storage)
@@ -311,10 +318,10 @@ class Pipeline:
                         storage.rm(p.uri, recursive=True)
                     else:  # continue in place: only the manifest goes
                         storage.rm(join(p.uri, MANIFEST))
-            if p.stage.needs_ray and not ray_ready and on_ray is not None:
+            if p.stage.needs_ray and not ray_ready and on_ray is not None and not local:
                 on_ray(cfg)
                 ray_ready = True
-            manifests[name] = self._run_one(cfg, storage, p, inputs)
+            manifests[name] = self._run_one(cfg, storage, p, inputs, local)
         return manifests
 
     @staticmethod
@@ -335,13 +342,16 @@ class Pipeline:
         return None
 
     def _run_one(self, cfg: Any, storage: Storage, p: PlannedStage,
-                 inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+                 inputs: dict[str, dict[str, Any]], local: bool = False) -> dict[str, Any]:
         name = p.stage.name
+        # Another rank of a torchrun launch without Ray: it trains, rank 0 writes the outputs.
+        secondary = local and os.environ.get("RANK", "0") != "0"
         resumed = bool(storage.walk_files(p.uri))
         log.info("[%s] %s: %s", name, "resuming" if resumed else "running", p.uri)
         ctx = StageContext(name=name, fingerprint=p.fingerprint, uri=p.uri,
                            cfg=getattr(cfg, name), root_cfg=cfg, storage=storage, inputs=inputs,
-                           tracker_spec=self.tracker_spec(cfg, p))
+                           tracker_spec=None if secondary else self.tracker_spec(cfg, p),
+                           local=local)
         started, t0 = _now(), time.perf_counter()
         # The driver opens the stage's tracker only after the stage function returned (or when
         # the function uses ctx.tracker itself): a training stage logs from its rank-0 worker
@@ -372,7 +382,8 @@ class Pipeline:
             "resumed": resumed,
             "outputs": outputs,
         }
-        storage.write_manifest(p.uri, manifest)
+        if not secondary:
+            storage.write_manifest(p.uri, manifest)
         log.info("[%s] done in %.1fs", name, seconds)
         return manifest
 

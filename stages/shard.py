@@ -237,8 +237,6 @@ def find_duplicates(items: list[Item], hashes: dict[str, str | None]
 
 
 def _content_hashes(ctx: StageContext, items: list[Item], workers: int) -> dict[str, str | None]:
-    import ray
-
     cache_uri = join(ctx.uri, PARTS, "hashes.json")
     digest = items_digest(items)
     try:
@@ -247,9 +245,9 @@ def _content_hashes(ctx: StageContext, items: list[Item], workers: int) -> dict[
             return cached["hashes"]
     except (FileNotFoundError, ValueError, KeyError, AttributeError):
         pass
-    task = ray.remote(num_cpus=1, max_retries=2)(hash_items)
     chunks = [items[i:i + _HASH_CHUNK] for i in range(0, len(items), _HASH_CHUNK)]
-    results = run_bounded(task, [(chunk, ctx.storage) for chunk in chunks], workers)
+    results = run_calls(hash_items, [(chunk, ctx.storage) for chunk in chunks], workers,
+                        local=ctx.local)
     hashes = {it.key: h for i, chunk in enumerate(chunks) for it, h in zip(chunk, results[i])}
     ctx.storage.write_json(cache_uri, {"items_digest": digest, "hashes": hashes})
     return hashes
@@ -367,7 +365,9 @@ def _fail_after() -> int | None:
     return int(value) if value else None
 
 
-def _worker_count(cfg: ShardConfig) -> int:
+def _worker_count(cfg: ShardConfig, local: bool = False) -> int:
+    if local:
+        return 1
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 0))
@@ -375,6 +375,27 @@ def _worker_count(cfg: ShardConfig) -> int:
         raise RuntimeError("the Ray cluster has no CPU available; shard tasks need 1 CPU each "
                            "(start workers, or set ray.num_cpus for an embedded Ray)")
     return cfg.num_workers or cpus
+
+
+def run_calls(fn: Callable[..., Any], calls: list[tuple[Any, ...]], workers: int,
+              on_result: Callable[[int, Any], None] | None = None, local: bool = False
+              ) -> list[Any]:
+    """``fn(*call)`` for every call, results in call order: as Ray tasks (1 CPU each, retried,
+    at most ``workers`` in flight, see :func:`run_bounded`), or one after another in this
+    process when ``local`` (a run without Ray)."""
+    if not local:
+        import ray
+
+        return run_bounded(ray.remote(num_cpus=1, max_retries=2)(fn), calls, workers, on_result)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError("without Ray, shard runs in one process: run it first without "
+                           "torchrun (e.g. `python -m pipeline run CONFIG --no-ray --until shard`)")
+    results = []
+    for i, call in enumerate(calls):
+        results.append(fn(*call))
+        if on_result is not None:
+            on_result(i, results[-1])
+    return results
 
 
 def run_bounded(task: Any, calls: list[tuple[Any, ...]], workers: int,
@@ -410,10 +431,8 @@ def _run_shard_tasks(ctx: StageContext, specs: list[ShardSpec], spec: ImageSpec,
                      workers: int) -> list[dict[str, Any]]:
     """One task per shard, at most ``workers`` at a time, with a progress bar; results in spec
     order."""
-    import ray
     from tqdm.auto import tqdm
 
-    task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
     fail_after = _fail_after()
     done = {"shards": 0, "samples": 0}
     bar = tqdm(total=len(specs), desc="shard: shards done", unit="shard",
@@ -431,7 +450,8 @@ def _run_shard_tasks(ctx: StageContext, specs: list[ShardSpec], spec: ImageSpec,
                                f"{done['shards']} finalized shards (test hook)")
 
     try:
-        return run_bounded(task, [(s, spec, ctx.storage) for s in specs], workers, on_result)
+        return run_calls(write_shard, [(s, spec, ctx.storage) for s in specs], workers,
+                         on_result, local=ctx.local)
     finally:
         bar.close()
 
@@ -468,10 +488,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     source = _absolute(cfg.source)
     spec = cfg.image_spec()
 
-    workers = _worker_count(cfg)
-    import ray
+    workers = _worker_count(cfg, ctx.local)
+    warming = []
+    if not ctx.local:
+        import ray
 
-    warming = [ray.remote(num_cpus=1)(_warm_up).remote(source) for _ in range(workers)]
+        warming = [ray.remote(num_cpus=1)(_warm_up).remote(source) for _ in range(workers)]
     listing = list_source(source, storage, cfg.labels, seed)
     if not listing.items:
         raise _no_input_error(cfg.source, listing)
@@ -486,7 +508,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     t0 = time.perf_counter()
     results = _run_shard_tasks(ctx, specs, spec, workers)
     seconds = time.perf_counter() - t0
-    ray.get(warming)  # long done; surfaces an import error a shard task would also have hit
+    if warming:
+        import ray
+
+        ray.get(warming)  # long done; surfaces an import error a shard task would also have hit
 
     skipped = list(listing.rejected) + [r for res in results for r in res["skipped"]]
     skipped.sort(key=lambda r: (r["key"], r["source"], r["reason"]))

@@ -488,6 +488,33 @@ def run_actors(ctx: StageContext, tasks: list[dict[str, Any]], export: ExportInf
     return [done[t["index"]] for t in tasks]
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_local(ctx: StageContext, tasks: list[dict[str, Any]], export: ExportInfo,
+              opts: Options, use_gpu: bool) -> list[dict[str, Any]]:
+    """Tokenize ``tasks`` one after another in this process (a run without Ray): the same
+    encoder set-up and per-shard function as the actors."""
+    from tqdm.auto import tqdm
+
+    cfg: TokenizeConfig = ctx.cfg
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError("without Ray, tokenize runs in one process: run it without torchrun "
+                           "(e.g. `python -m pipeline run CONFIG --no-ray --only tokenize`)")
+    encoder = ShardTokenizer(ctx.storage, export, opts, use_gpu,
+                             threads=max(1, int(cfg.cpus_per_actor)))
+    out = []
+    with tqdm(total=len(tasks), desc="tokenize: shards done", unit="shard",
+              disable=not cfg.progress, dynamic_ncols=True) as bar:
+        for task in tasks:
+            out.append(tokenize_shard(encoder.model, task, ctx.storage, opts))
+            bar.update(1)
+    return out
+
+
 def _rows(ds: Any, actors: int, cfg: TokenizeConfig) -> Iterator[dict[str, Any]]:
     """``ds.iter_rows()``, with an actor pool that cannot start turned into a clear error."""
     import ray
@@ -553,7 +580,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     t0 = time.perf_counter()
     fresh: list[dict[str, Any]] = []
     actors, use_gpu = 0, False
-    if todo:
+    if todo and ctx.local:
+        actors, use_gpu = 1, cfg.use_gpu is not False and _cuda_available()
+        fresh = run_local(ctx, todo, export, opts, use_gpu)
+    elif todo:
         actors, use_gpu = plan_actors(cfg, len(todo))
         log.info("[tokenize] %d shards to encode with %d actors (%g CPUs%s each)", len(todo),
                  actors, cfg.cpus_per_actor, ", 1 GPU" if use_gpu else "")

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import ConfigError, no_fingerprint
 from pipeline.dag import Stage, StageContext
 from pipeline.storage import Storage, join
-from pipeline.train.config import TrainConfig, crash_if_asked
+from pipeline.train.config import TrainConfig
 
 log = logging.getLogger("pipeline")
 
@@ -106,21 +105,24 @@ def checkpoint_blocks(model: Any) -> None:
 
 def evaluate(model: Any, storage: Storage, shards: list[str], length: int,
              limit: int, batch: int = 64) -> dict[str, float]:
-    """Mean cross-entropy (nats) and bits per token of the codes in ``shards`` (unflipped)."""
+    """Mean cross-entropy (nats) and bits per token of the codes in ``shards`` (unflipped), on
+    the model's device."""
     import torch
 
     from pipeline.data.codes import iter_code_samples
 
     model.eval()
-    total, tokens, n = 0.0, 0, 0
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    tokens, n = 0, 0
     codes, labels = [], []
 
     def flush() -> None:
         nonlocal total, tokens, codes, labels
-        c = torch.stack(codes)
-        lab = torch.tensor(labels) if model.config.n_classes else None
+        c = torch.stack(codes).to(device)
+        lab = torch.tensor(labels, device=device) if model.config.n_classes else None
         with torch.no_grad():
-            total += float(model.loss(c, lab)) * c.numel()
+            total += model.loss(c, lab).double() * c.numel()
         tokens += c.numel()
         codes, labels = [], []
 
@@ -137,20 +139,22 @@ def evaluate(model: Any, storage: Storage, shards: list[str], length: int,
         flush()
     if tokens == 0:
         raise ValueError("no codes to evaluate")
-    loss = total / tokens
+    loss = float(total) / tokens
     return {"loss": loss, "bits_per_token": loss / math.log(2), "samples": n, "tokens": tokens}
 
 
 def sample_grid(model: Any, vqgan: Any, data: dict[str, Any], cfg: TrainTransformerConfig,
                 step: int, seed: int) -> Any:
-    """Codes sampled per class (or unconditionally), decoded to one uint8 grid image."""
+    """Codes sampled per class (or unconditionally) on the model's device, decoded with
+    ``vqgan`` (same device) to one uint8 grid image."""
     import torch
 
     from pipeline.metrics import grid, to_uint8, upscale
     from pipeline.models.sampling import sample
 
+    device = next(model.parameters()).device
     n_classes, per = data["n_classes"], cfg.samples_per_class
-    cond = torch.arange(n_classes).repeat_interleave(per) if n_classes else None
+    cond = torch.arange(n_classes, device=device).repeat_interleave(per) if n_classes else None
     n = n_classes * per if n_classes else 4 * per
     was_training = model.training
     model.eval()
@@ -159,94 +163,78 @@ def sample_grid(model: Any, vqgan: Any, data: dict[str, Any], cfg: TrainTransfor
     model.train(was_training)
     h, w = data["grid"]
     with torch.no_grad():
-        images = vqgan.decode_indices(codes.view(n, h, w).long())
+        images = vqgan.decode_indices(codes.view(n, h, w).long().to(device)).float().cpu()
     image = grid(to_uint8(images), cols=per)
     return upscale(image, max(1, 64 // images.shape[-1]))  # cells of >= 64 px to look at
 
 
-def gpt_worker(config: dict[str, Any]) -> None:
-    """Ray Train loop (one per worker)."""
-    import ray.train
-    import torch
+class GPTTask:
+    """train_transformer's part of the training loop (pipeline.train.loop): the GPT engine,
+    code batches, sample grids decoded by the VQGAN (rank 0), export + eval."""
 
-    from pipeline.data.loader import StreamSpec, code_batches
-    from pipeline.metrics import png_bytes
-    from pipeline.models.gpt import GPT
-    from pipeline.models.vqgan import VQGAN
-    from pipeline.tracking import NullTracker
-    from pipeline.train import checkpoint
-    from pipeline.train.engine import make_engine, set_lr
-    from pipeline.train.history import MetricsLog
-    from pipeline.train.schedule import lr_at
-    from pipeline.train.state import TrainState
+    unit = "tokens"
+    progress_keys = ("loss/train",)
 
-    cfg: TrainTransformerConfig = config["cfg"]
-    storage: Storage = config["storage"]
-    data, uri, seed = config["data"], config["uri"], config["seed"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    def __init__(self, ctx: Any, spec: Any) -> None:
+        import torch
 
-    torch.manual_seed(seed)  # identical initial weights on every rank
-    model = GPT(gpt_config(cfg, data))
-    if cfg.activation_checkpointing:
-        checkpoint_blocks(model)
-    groups = model.configure_optimizer_groups(cfg.weight_decay)
-    engine = make_engine(model, cfg, world, params=groups)
-    state = checkpoint.restore({"GPT": engine})
-    if state is None:
-        state = TrainState()
-        torch.manual_seed(seed * 1000 + rank)
-    tracker = config["tracker"].create() if rank == 0 and config["tracker"] else NullTracker()
-    history = MetricsLog(storage, join(uri, "history.jsonl"), state.step)
-    vqgan = None
-    if rank == 0:
-        vqgan = VQGAN.from_bytes(storage.read_text(data["vqgan"]["config"]),
-                                 storage.read_bytes(data["vqgan"]["weights"]))
+        from pipeline.models.gpt import GPT
+        from pipeline.models.vqgan import VQGAN
+        from pipeline.train.engine import make_engine
 
-    spec = StreamSpec(tuple(data["train"]), rank, world, seed, cfg.shuffle_buffer)
-    batches = code_batches(storage, spec, cfg.micro_batch, data["length"],
-                           position=state.data.get("position"), flip=cfg.flip)
-    gen = torch.Generator()
-    t0, seen0 = time.perf_counter(), state.samples_seen
-    while state.step < cfg.steps:
-        lr = lr_at(state.step, cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps,
-                   schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
-        set_lr(engine, lr)
-        loss_sum = 0.0
-        # Corruption noise is a function of (seed, rank, step): a resumed run draws the same.
-        gen.manual_seed(seed * 7919 + rank * 104729 + state.step)
-        for _ in range(cfg.grad_accum):
-            codes, labels, position = next(batches)
-            loss = _loss(engine, codes, labels, data["n_classes"], gen)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += float(loss.detach()) / cfg.grad_accum
-        state.advance(cfg.global_batch, position)
-        crash_if_asked(cfg, state.step, rank, world)
-        if cfg.due(state.step, cfg.log_every):
-            elapsed = time.perf_counter() - t0
-            tokens = (state.samples_seen - seen0) * data["length"]
-            logs = {"loss/train": loss_sum, "lr": lr, "tokens_per_s": tokens / elapsed}
-            tracker.log(logs, step=state.step)
-            if rank == 0:
-                history.append({"step": state.step, **logs})
-                history.flush()
-            t0, seen0 = time.perf_counter(), state.samples_seen
-        if cfg.due(state.step, cfg.image_every):
-            plain = consolidated(engine, cfg, rank)  # collective under ZeRO-3
-            if plain is not None:
-                image = sample_grid(plain, vqgan, data, cfg, state.step, seed)
-                storage.write_bytes(join(uri, "images", f"samples-{state.step:08d}.png"),
-                                    png_bytes(image))
-                tracker.log_images({"samples": image}, step=state.step)
-        if cfg.due(state.step, cfg.checkpoint_every):
-            checkpoint.save({"GPT": engine}, state, {"loss/train": loss_sum})
+        cfg: TrainTransformerConfig = spec.cfg
+        data = spec.args["data"]
+        self.cfg, self.ctx, self.spec, self.data = cfg, ctx, spec, data
+        self.units_per_sample = data["length"]
+        self.base_lr = cfg.lr
+        model = GPT(gpt_config(cfg, data)).to(ctx.device)
+        if cfg.activation_checkpointing:
+            checkpoint_blocks(model)
+        groups = model.configure_optimizer_groups(cfg.weight_decay)
+        self.engine = make_engine(model, cfg, ctx.world, params=groups)
+        self.engines = {"GPT": self.engine}
+        self.vqgan = None
+        if ctx.is_main:
+            self.vqgan = VQGAN.from_bytes(spec.storage.read_text(data["vqgan"]["config"]),
+                                          spec.storage.read_bytes(data["vqgan"]["weights"]))
+            self.vqgan.to(ctx.device).eval()
+        self.gen = torch.Generator(device=ctx.device)
 
-    plain = consolidated(engine, cfg, rank)  # fp32 export, even from ZeRO-3 partitions
-    if plain is not None:
-        export(plain, storage, uri, data, cfg, state, tracker)
-    tracker.finish()
+    def batches(self, position: Any) -> Any:
+        from pipeline.data.loader import StreamSpec, code_batches
+
+        cfg, spec, data = self.cfg, self.spec, self.data
+        stream = StreamSpec(tuple(data["train"]), self.ctx.rank, self.ctx.world, spec.seed,
+                            cfg.shuffle_buffer)
+        for codes, labels, pos in code_batches(spec.storage, stream, cfg.micro_batch,
+                                               data["length"], position=position, flip=cfg.flip):
+            yield (codes, labels), pos
+
+    def step(self, batch: Any, step: int, micro: int) -> dict[str, Any]:
+        if micro == 0:
+            # Corruption noise is a function of (seed, rank, step): a resumed run draws the same.
+            self.gen.manual_seed(self.spec.seed * 7919 + self.ctx.rank * 104729 + step)
+        codes, labels = batch
+        loss = _loss(self.engine, codes, labels, self.data["n_classes"], self.gen)
+        self.engine.backward(loss)
+        self.engine.step()
+        return {"loss/train": loss.detach()}
+
+    def images(self, step: int, tracker: Any) -> None:
+        from pipeline.metrics import png_bytes
+
+        plain = consolidated(self.engine, self.cfg, self.ctx)  # collective under ZeRO-3
+        if plain is not None:
+            image = sample_grid(plain, self.vqgan, self.data, self.cfg, step, self.spec.seed)
+            self.spec.storage.write_bytes(join(self.spec.uri, "images",
+                                               f"samples-{step:08d}.png"), png_bytes(image))
+            tracker.log_images({"samples": image}, step=step)
+
+    def finish(self, state: Any, tracker: Any) -> None:
+        plain = consolidated(self.engine, self.cfg, self.ctx)  # fp32, even from ZeRO-3 shards
+        if plain is not None:
+            spec = self.spec
+            export(plain, spec.storage, spec.uri, self.data, self.cfg, state, tracker)
 
 
 def _loss(engine: Any, codes: Any, labels: Any, n_classes: int, gen: Any) -> Any:
@@ -256,10 +244,11 @@ def _loss(engine: Any, codes: Any, labels: Any, n_classes: int, gen: Any) -> Any
     return loss
 
 
-def consolidated(engine: Any, cfg: TrainTransformerConfig, rank: int) -> Any:
-    """A plain fp32 copy of the model on rank 0 (None elsewhere). Every rank must call it: under
-    ZeRO-3 the partitions are gathered collectively. The copy has no DeepSpeed hooks, so rank 0
-    can sample and evaluate with it alone (a ZeRO-3 module's forward is itself collective)."""
+def consolidated(engine: Any, cfg: TrainTransformerConfig, ctx: Any) -> Any:
+    """A plain fp32 copy of the model on rank 0, on its device (None elsewhere). Every rank must
+    call it: under ZeRO-3 the partitions are gathered collectively. The copy has no DeepSpeed
+    hooks, so rank 0 can sample and evaluate with it alone (a ZeRO-3 module's forward is itself
+    collective)."""
     import contextlib
 
     from pipeline.models.gpt import GPT
@@ -271,11 +260,11 @@ def consolidated(engine: Any, cfg: TrainTransformerConfig, rank: int) -> Any:
         context = deepspeed.zero.GatheredParameters(list(engine.module.parameters()),
                                                     modifier_rank=None)
     with context:
-        if rank != 0:
+        if not ctx.is_main:
             return None
         model = GPT(engine.module.config)
         model.load_state_dict(engine.module.export_state_dict())
-    return model.eval()
+    return model.to(ctx.device).eval()
 
 
 def export(model: Any, storage: Storage, uri: str, data: dict[str, Any],
@@ -325,15 +314,12 @@ def data_spec(ctx: StageContext) -> dict[str, Any]:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from pipeline.train.launch import fit
+    from pipeline.train.launch import launch
 
-    cfg: TrainTransformerConfig = ctx.cfg
     data = data_spec(ctx)
     if not data["train"]:
         raise ValueError("tokenize produced no training codes")
-    loop_config = {"cfg": cfg, "storage": ctx.storage, "uri": ctx.uri, "seed": ctx.root_cfg.seed,
-                   "data": data, "tracker": ctx.tracker_spec}
-    result = fit(gpt_worker, loop_config, uri=ctx.uri, storage=ctx.storage, tc=cfg, name="train")
+    checkpoint = launch(ctx, GPTTask, {"data": data})
     ev = ctx.storage.read_json(join(ctx.uri, "eval.json"))
     images = [u for u in ctx.storage.walk_files(join(ctx.uri, "images")) if u.endswith(".png")]
     return {
@@ -346,7 +332,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "unigram_entropy": ev["unigram_entropy"],
         "grid": data["grid"], "n_classes": data["n_classes"], "classes": data["classes"],
         "images": images,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": checkpoint,
     }
 
 

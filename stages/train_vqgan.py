@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,7 @@ from pipeline.models.discriminator import DiscriminatorConfig
 from pipeline.models.loss import VQGANLossConfig
 from pipeline.models.vqgan import CONFIG_NAME, WEIGHTS_NAME, VQGANConfig
 from pipeline.storage import Storage, join
-from pipeline.train.config import TrainConfig, crash_if_asked
+from pipeline.train.config import TrainConfig
 
 log = logging.getLogger("pipeline")
 
@@ -68,7 +67,6 @@ class TrainVQGANConfig(TrainConfig):
     flip: bool = True
     shuffle_buffer: int = 256
     eval_images: int = 512
-    image_every: int = no_fingerprint(100)
     grid_images: int = no_fingerprint(16)
     # fp32 on CPU: the VQGAN's and the LPIPS VGG's 3x3 convolutions by Winograd F(4x4, 3x3),
     # ~1.45x faster steps (pipeline.models.winograd); results differ from oneDNN's direct
@@ -108,8 +106,9 @@ def build_lpips(cfg: PerceptualConfig, storage: Storage) -> Any:
     return lpips
 
 
-def micro_step(g: Any, d: Any, loss_fn: Any, x: Any, step: int) -> dict[str, float]:
-    """One micro-batch: generator backward, then (from disc_start) the discriminator's."""
+def micro_step(g: Any, d: Any, loss_fn: Any, x: Any, step: int) -> dict[str, Any]:
+    """One micro-batch: generator backward, then (from disc_start) the discriminator's.
+    Returns detached scalar tensors (no host sync here)."""
     from pipeline.models.discriminator import set_requires_grad
 
     disc = d.module
@@ -131,34 +130,40 @@ def micro_step(g: Any, d: Any, loss_fn: Any, x: Any, step: int) -> dict[str, flo
         d.step()
         logs.update({"loss/d": dl.loss, "logits/real": dl.logits_real,
                      "logits/fake": dl.logits_fake})
-    return {k: float(v.detach()) for k, v in logs.items()}
+    return {k: v.detach() for k, v in logs.items()}
 
 
 def evaluate(model: Any, lpips: Any, storage: Storage, shards: list[str], size: int,
              limit: int, batch: int = 16) -> dict[str, float]:
-    """Reconstruction metrics over (at most ``limit`` images of) ``shards``; fp32, no grad."""
+    """Reconstruction metrics over (at most ``limit`` images of) ``shards``; fp32, no grad, on
+    the model's device."""
     import torch
 
     from pipeline.data.loader import eval_batches
     from pipeline.metrics import psnr, ssim
 
     model.eval()
-    n, sums = 0, {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
-    hist = torch.zeros(model.config.n_embed, dtype=torch.float64)
+    device = next(model.parameters()).device
+    n = 0
+    sums = {k: torch.zeros((), dtype=torch.float64, device=device)
+            for k in ("psnr", "ssim", "lpips")}
+    hist = torch.zeros(model.config.n_embed, dtype=torch.float64, device=device)
     with torch.no_grad():
         for x, _ in eval_batches(storage, shards, batch, size, limit=limit):
+            x = x.to(device, non_blocking=True)
             recon, quant = model(x)
-            sums["psnr"] += float(psnr(x, recon).sum())
-            sums["ssim"] += float(ssim(x, recon).sum())
+            sums["psnr"] += psnr(x, recon).double().sum()
+            sums["ssim"] += ssim(x, recon).double().sum()
             if lpips is not None:
-                sums["lpips"] += float(lpips(x, recon).sum())
+                sums["lpips"] += lpips(x, recon).double().sum()
             hist += torch.bincount(quant.indices.flatten(), minlength=len(hist)).double()
             n += len(x)
     if n == 0:
         raise ValueError("no validation images to evaluate")
+    hist = hist.cpu()
     p = hist / hist.sum()
     entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
-    out = {k: v / n for k, v in sums.items()}
+    out = {k: float(v) / n for k, v in sums.items()}
     if lpips is None:
         out.pop("lpips")
     out.update({"images": n, "codebook_usage": float((hist > 0).double().mean()),
@@ -167,6 +172,8 @@ def evaluate(model: Any, lpips: Any, storage: Storage, shards: list[str], size: 
 
 
 def save_grid(model: Any, x: Any, storage: Storage, uri: str, step: int, tracker: Any) -> str:
+    """Input | reconstruction pairs of ``x`` (on the model's device) as a PNG and to the
+    tracker."""
     import torch
 
     from pipeline.metrics import pairs_grid, png_bytes, upscale
@@ -174,9 +181,9 @@ def save_grid(model: Any, x: Any, storage: Storage, uri: str, step: int, tracker
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        recon = model(x.to(next(model.parameters()).dtype)).recon.float()
+        recon = model(x).recon.float()
     model.train(was_training)
-    image = pairs_grid(x, recon, cols=4)
+    image = pairs_grid(x.cpu(), recon.cpu(), cols=4)
     image = upscale(image, max(1, 64 // x.shape[-1]))  # cells of >= 64 px to look at
     out = join(uri, "images", f"recon-{step:08d}.png")
     storage.write_bytes(out, png_bytes(image))
@@ -184,93 +191,94 @@ def save_grid(model: Any, x: Any, storage: Storage, uri: str, step: int, tracker
     return out
 
 
-def vqgan_worker(config: dict[str, Any]) -> None:
-    """Ray Train loop (one per worker)."""
-    import ray.train
-    import torch
+class VQGANTask:
+    """train_vqgan's part of the training loop (pipeline.train.loop): two engines (G, D),
+    LPIPS, the loss, image batches, grids, export + eval.
 
-    from pipeline.data.loader import StreamSpec, eval_batches, image_batches
-    from pipeline.models.discriminator import NLayerDiscriminator
-    from pipeline.models.loss import VQGANLoss
-    from pipeline.models.vqgan import VQGAN
-    from pipeline.models.winograd import enable_winograd
-    from pipeline.tracking import NullTracker
-    from pipeline.train import checkpoint
-    from pipeline.train.engine import make_engine, set_lr
-    from pipeline.train.history import MetricsLog
-    from pipeline.train.schedule import lr_at, scaled_lr
-    from pipeline.train.state import TrainState
+    Mixed precision (``precision=bf16``): weights, optimizer and codebook stay fp32 and the
+    step runs under bf16 autocast; the quantizer's distances, argmin and codebook lookups run
+    in fp32 (``VQGAN.encode`` leaves autocast for them: bf16 distances tie between near codes).
+    """
 
-    cfg: TrainVQGANConfig = config["cfg"]
-    storage: Storage = config["storage"]
-    uri, seed = config["uri"], config["seed"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    unit = "images"
+    units_per_sample = 1
+    progress_keys = ("loss/total", "loss/rec")
 
-    torch.manual_seed(seed)  # identical initial weights on every rank
-    model, disc = VQGAN(cfg.model), NLayerDiscriminator(cfg.disc)
-    lpips = build_lpips(cfg.perceptual, storage) if cfg.loss.perceptual_weight > 0 else None
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    if lpips is not None:
-        lpips.to(dtype)
-    if cfg.winograd and not cfg.use_gpu and cfg.precision == "fp32":
-        convs = enable_winograd(model) + (enable_winograd(lpips) if lpips is not None else 0)
-        if rank == 0:
+    def __init__(self, ctx: Any, spec: Any) -> None:
+        import torch
+
+        from pipeline.data.loader import eval_batches
+        from pipeline.models.discriminator import NLayerDiscriminator
+        from pipeline.models.loss import VQGANLoss
+        from pipeline.models.vqgan import VQGAN
+        from pipeline.train.engine import make_engine
+        from pipeline.train.schedule import scaled_lr
+
+        cfg: TrainVQGANConfig = spec.cfg
+        self.cfg, self.ctx, self.spec = cfg, ctx, spec
+        device = ctx.device
+        model, disc = VQGAN(cfg.model).to(device), NLayerDiscriminator(cfg.disc).to(device)
+        self.lpips = None
+        if cfg.loss.perceptual_weight > 0:
+            self.lpips = build_lpips(cfg.perceptual, spec.storage).to(device)
+        if cfg.winograd and device.type == "cpu" and cfg.precision == "fp32":
+            self._winograd(model)
+        self.loss_fn = VQGANLoss(cfg.loss, self.lpips)
+        fp32 = {"bf16": {"enabled": False}}  # bf16 is autocast here, not bf16 weights
+        self.g = make_engine(model, cfg, ctx.world, extra=fp32)
+        self.d = make_engine(disc, cfg, ctx.world, extra=fp32)
+        self.engines = {"G": self.g, "D": self.d}
+        self.base_lr = scaled_lr(cfg.lr, cfg.global_batch) if cfg.lr_scale_by_batch else cfg.lr
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                                       enabled=cfg.precision == "bf16")
+        vis_shards = spec.args["val"] or spec.args["train"]
+        self.vis = next(eval_batches(spec.storage, vis_shards, cfg.grid_images,
+                                     cfg.model.resolution))[0].to(device)
+
+    def _winograd(self, model: Any) -> None:
+        from pipeline.models.winograd import enable_winograd
+
+        convs = enable_winograd(model) + (enable_winograd(self.lpips) if self.lpips else 0)
+        if self.ctx.is_main:
             log.info("Winograd 3x3 convolutions: %d modules%s", convs,
                      "" if convs else " (kernels unavailable here: direct convolutions)")
-    loss_fn = VQGANLoss(cfg.loss, lpips)
-    g, d = make_engine(model, cfg, world), make_engine(disc, cfg, world)
-    state = checkpoint.restore({"G": g, "D": d})
-    if state is None:
-        state = TrainState()
-        torch.manual_seed(seed * 1000 + rank)  # per-rank randomness (dropout, code restarts)
-    else:
-        log.info("rank %d resumed at step %d", rank, state.step)
-    tracker = config["tracker"].create() if rank == 0 and config["tracker"] else NullTracker()
 
-    history = MetricsLog(storage, join(uri, "history.jsonl"), state.step)
-    spec = StreamSpec(tuple(config["train"]), rank, world, seed, cfg.shuffle_buffer)
-    batches = image_batches(storage, spec, cfg.micro_batch, cfg.model.resolution,
-                            position=state.data.get("position"), train=cfg.flip)
-    vis_shards = config["val"] or config["train"]
-    vis = next(eval_batches(storage, vis_shards, cfg.grid_images, cfg.model.resolution))[0]
-    base_lr = scaled_lr(cfg.lr, cfg.global_batch) if cfg.lr_scale_by_batch else cfg.lr
-    t0, seen0 = time.perf_counter(), state.samples_seen
-    while state.step < cfg.steps:
-        lr = lr_at(state.step, base_lr, warmup=cfg.warmup_steps, total=cfg.steps,
-                   schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
-        set_lr(g, lr)
-        set_lr(d, lr)
-        logs: dict[str, float] = {}
-        for _ in range(cfg.grad_accum):
-            x, _, position = next(batches)
-            for k, v in micro_step(g, d, loss_fn, x.to(dtype), state.step).items():
-                logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
-        state.advance(cfg.global_batch, position)
-        crash_if_asked(cfg, state.step, rank, world)
-        if cfg.due(state.step, cfg.log_every):
-            elapsed = time.perf_counter() - t0
-            logs.update({"lr": lr, "images_per_s": (state.samples_seen - seen0) / elapsed})
-            tracker.log(logs, step=state.step)
-            if rank == 0:
-                history.append({"step": state.step, **logs})
-                history.flush()
-            t0, seen0 = time.perf_counter(), state.samples_seen
-        if rank == 0 and cfg.due(state.step, cfg.image_every):
-            save_grid(g.module, vis, storage, uri, state.step, tracker)
-        if cfg.due(state.step, cfg.checkpoint_every):
-            checkpoint.save({"G": g, "D": d}, state, logs)
+    def batches(self, position: Any) -> Any:
+        from pipeline.data.loader import StreamSpec, image_batches
 
-    if rank == 0:
-        export(g.module, cfg, lpips, storage, uri, seed, config["val"] or config["train"],
-               tracker, state)
-    tracker.finish()
+        cfg, spec = self.cfg, self.spec
+        stream = StreamSpec(tuple(spec.args["train"]), self.ctx.rank, self.ctx.world, spec.seed,
+                            cfg.shuffle_buffer)
+        for x, labels, pos in image_batches(spec.storage, stream, cfg.micro_batch,
+                                            cfg.model.resolution, position=position,
+                                            train=cfg.flip):
+            yield (x, labels), pos
+
+    def step(self, batch: Any, step: int, micro: int) -> dict[str, Any]:
+        from pipeline.train.params import apply_codebook_restarts
+
+        with self.autocast:
+            logs = micro_step(self.g, self.d, self.loss_fn, batch[0], step)
+        # A dead-code restart wrote the codebook in place; make it survive the optimizer's
+        # master weights (ZeRO, mixed precision). Every rank: the helpers may be collective.
+        apply_codebook_restarts(self.g)
+        return logs
+
+    def images(self, step: int, tracker: Any) -> None:
+        if self.ctx.is_main:
+            save_grid(self.g.module, self.vis, self.spec.storage, self.spec.uri, step, tracker)
+
+    def finish(self, state: Any, tracker: Any) -> None:
+        if self.ctx.is_main:
+            spec = self.spec
+            export(self.g.module, self.cfg, self.lpips, spec.storage, spec.uri, spec.seed,
+                   spec.args["val"] or spec.args["train"], tracker, state, self.ctx.device)
 
 
 def export(module: Any, cfg: TrainVQGANConfig, lpips: Any, storage: Storage, uri: str, seed: int,
-           val: list[str], tracker: Any, state: Any) -> None:
-    """Write export/vqgan.{pt,json}, then eval.json (trained vs untrained), rank 0."""
+           val: list[str], tracker: Any, state: Any, device: Any = "cpu") -> None:
+    """Write export/vqgan.{pt,json} (fp32), then eval.json (trained vs untrained, evaluated on
+    ``device``), rank 0."""
     import torch
 
     from pipeline.models.vqgan import VQGAN
@@ -279,11 +287,10 @@ def export(module: Any, cfg: TrainVQGANConfig, lpips: Any, storage: Storage, uri
     model.load_state_dict(module.export_state_dict())
     storage.write_bytes(join(uri, "export", WEIGHTS_NAME), model.state_bytes())
     storage.write_text(join(uri, "export", CONFIG_NAME), model.config_json())
-    if lpips is not None:
-        lpips.float()
-    trained = evaluate(model, lpips, storage, val, cfg.model.resolution, cfg.eval_images)
+    trained = evaluate(model.to(device), lpips, storage, val, cfg.model.resolution,
+                       cfg.eval_images)
     torch.manual_seed(seed)
-    untrained = evaluate(VQGAN(cfg.model), lpips, storage, val, cfg.model.resolution,
+    untrained = evaluate(VQGAN(cfg.model).to(device), lpips, storage, val, cfg.model.resolution,
                          cfg.eval_images)
     result = {"step": state.step, "samples_seen": state.samples_seen, "trained": trained,
               "untrained": untrained}
@@ -295,7 +302,7 @@ def export(module: Any, cfg: TrainVQGANConfig, lpips: Any, storage: Storage, uri
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from pipeline.train.launch import fit
+    from pipeline.train.launch import launch
 
     cfg: TrainVQGANConfig = ctx.cfg
     shard = ctx.inputs["shard"]["outputs"]
@@ -309,10 +316,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if cfg.perceptual.backbone == "random" and cfg.loss.perceptual_weight > 0:
         log.warning("[train_vqgan] perceptual.backbone=random: the perceptual loss uses a RANDOM "
                     "VGG; this is not the paper's LPIPS (offline demo/test setting)")
-    loop_config = {"cfg": cfg, "storage": ctx.storage, "uri": ctx.uri, "seed": ctx.root_cfg.seed,
-                   "train": train, "val": val, "tracker": ctx.tracker_spec}
-    result = fit(vqgan_worker, loop_config, uri=ctx.uri, storage=ctx.storage, tc=cfg,
-                 name="train")
+    checkpoint = launch(ctx, VQGANTask, {"train": train, "val": val})
     ev = ctx.storage.read_json(join(ctx.uri, "eval.json"))
     images = [u for u in ctx.storage.walk_files(join(ctx.uri, "images")) if u.endswith(".png")]
     return {
@@ -325,7 +329,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "eval": ev["trained"],
         "eval_untrained": ev["untrained"],
         "images": images,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": checkpoint,
         "perceptual_backbone": cfg.perceptual.backbone,
     }
 

@@ -24,9 +24,17 @@ mode the module is a pure, deterministic function of its input.
 
 Distributed data parallel: when ``torch.distributed`` is initialised, the EMA statistics and the
 usage counters are summed over ranks and restart vectors are broadcast from rank 0, so every
-replica keeps an identical codebook. Both in-place updates act on ``embedding.weight`` directly;
-an optimizer that keeps separate master weights (DeepSpeed ZeRO, mixed precision) would overwrite
-them, which is why EMA mode takes the codebook out of the gradient path (``requires_grad=False``).
+replica keeps an identical codebook (and every rank restarts the same rows in the same forward).
+
+Master weights. Both in-place updates act on ``embedding.weight`` directly. That is all plain
+PyTorch training needs, but an optimizer that keeps a separate master copy of the parameters
+(DeepSpeed ZeRO >= 1; bf16 at any ZeRO stage) copies the master back into the module at its next
+step and would silently undo them. EMA mode avoids this by taking the codebook out of the
+gradient path (``requires_grad=False``: no optimizer owns it). Restarts also work without EMA:
+each restart is recorded in :attr:`VectorQuantizer.pending_restart` so that the training loop can
+write it through the optimizer's master weights (``pipeline.train.params.apply_codebook_restarts``
+after every ``engine.step()``), which consumes it with
+:meth:`VectorQuantizer.take_pending_restart`.
 """
 
 from __future__ import annotations
@@ -156,6 +164,9 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("ema_embed_sum", self.embedding.weight.detach().clone())
         if config.restart_dead_codes > 0:
             self.register_buffer("unused_steps", torch.zeros(k, dtype=torch.long))
+        # Restarts written in place but not yet taken by an owner of master weights; a plain
+        # attribute, not a buffer: it is transient and stays out of the state dict.
+        self.pending_restart: tuple[Tensor, Tensor] | None = None
 
     # -- lookup ------------------------------------------------------------------------------
 
@@ -291,7 +302,37 @@ class VectorQuantizer(nn.Module):
         if _distributed():
             dist.broadcast(new, src=0)  # rank 0's vectors, so all replicas stay identical
         self.embedding.weight[dead] = new.to(self.embedding.weight.dtype)
+        self._record_restart(dead, new)
         if self.config.use_ema:
             self.ema_cluster_size[dead] = 1.0
             self.ema_embed_sum[dead] = new
         self.unused_steps[dead] = 0
+
+    # -- restarts for optimizers with master weights -----------------------------------------
+
+    def _record_restart(self, rows: Tensor, vectors: Tensor) -> None:
+        """Add ``rows`` [n] / ``vectors`` [n, D] to :attr:`pending_restart`; a row restarted
+        again before the pending set is taken keeps only its latest vector."""
+        rows = rows.to(torch.long)
+        vectors = vectors.detach().to(torch.float32)
+        if self.pending_restart is not None:
+            old_rows, old_vectors = self.pending_restart
+            keep = ~torch.isin(old_rows, rows)
+            rows = torch.cat([old_rows[keep], rows])
+            vectors = torch.cat([old_vectors[keep], vectors])
+        self.pending_restart = (rows, vectors)
+
+    def take_pending_restart(self) -> tuple[Tensor, Tensor] | None:
+        """Return and clear the restarts made since the last call (``None`` if there were none).
+
+        Contract: ``(rows, vectors)`` with ``rows`` [n] int64 distinct codebook row indices and
+        ``vectors`` [n, lookup_dim] float32, the exact (pre-cast) values written into those rows
+        of ``embedding.weight`` by training-mode forwards, accumulated over every forward since
+        the last call (a row restarted twice holds its latest vector). Under data parallelism
+        the result is identical on every rank. Whoever owns master weights of
+        ``embedding.weight`` must write ``vectors`` into them (and reset the rows' optimizer
+        state) or the restart is lost at the next optimizer step; plain PyTorch training may
+        ignore it (the in-place write already holds; the set stays bounded by ``n_embed`` rows).
+        """
+        pending, self.pending_restart = self.pending_restart, None
+        return pending

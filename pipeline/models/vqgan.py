@@ -367,7 +367,13 @@ class VQGAN(Exportable, nn.Module):
 
     def encode(self, x: Tensor) -> EncodeOutput:
         """[B, C, H, W] image -> quantized latents, code indices [B, H/f, W/f] and statistics."""
-        return self.quantize(self.quant_conv(self.encoder(x)))
+        h = self.quant_conv(self.encoder(x))
+        if torch.is_autocast_enabled(h.device.type):
+            # Mixed precision: the codebook lookup leaves autocast and runs in fp32 (bf16
+            # distances tie between near codes; a bf16 codebook update loses small steps).
+            with torch.autocast(h.device.type, enabled=False):
+                return self.quantize(h.float())
+        return self.quantize(h)
 
     def decode(self, z_q: Tensor) -> Tensor:
         """[B, embed_dim, h, w] quantized latents -> [B, out_ch, h*f, w*f] image."""

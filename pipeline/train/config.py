@@ -39,6 +39,7 @@ class TrainConfig:
     keep_checkpoints: int = no_fingerprint(2)
     max_failures: int = no_fingerprint(1)
     log_every: int = no_fingerprint(10)
+    image_every: int = no_fingerprint(100)  # reconstruction / sample grids
     # Test hooks: the last rank dies hard (os._exit) at this step once, leaving the marker file.
     fault_step: int = no_fingerprint(-1)
     fault_marker: str = no_fingerprint("")
@@ -50,7 +51,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive = ("steps", "micro_batch", "grad_accum", "num_workers", "checkpoint_every",
-                    "keep_checkpoints", "log_every")
+                    "keep_checkpoints", "log_every", "image_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")

@@ -1,15 +1,19 @@
-"""Running a training loop on Ray Train workers, checkpointing into the stage folder."""
+"""Launching the training loop: on Ray Train workers (``fit``) or in this process
+(``fit_local``, also one rank of ``torchrun``), checkpointing into the stage folder."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
 from typing import Any
 
-from pipeline.storage import Storage, is_local, local_path, protocol_of
+from pipeline.storage import Storage, is_local, join, local_path, protocol_of
 from pipeline.train.config import TrainConfig
+from pipeline.train.loop import LoopSpec
 
 log = logging.getLogger("pipeline")
+
+CHECKPOINTS = "train"  # checkpoint folder inside the stage folder
 
 
 class ResourceError(RuntimeError):
@@ -48,33 +52,95 @@ def check_resources(tc: TrainConfig) -> None:
                             f"the cluster has {total.get('GPU', 0):g}")
 
 
-def fit(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], *, uri: str,
-        storage: Storage, tc: TrainConfig, name: str = "train") -> Any:
-    """Run ``loop`` on ``tc.num_workers`` Ray Train workers; returns Ray's Result.
+def _run_uri(stage_uri: str) -> str:
+    return stage_uri.rsplit("/", 1)[0]
 
-    Checkpoints go to ``<uri>/<name>/checkpoint-*``; a rerun with the same ``uri`` and ``name``
-    resumes from the newest one (Ray Train V2 finds its snapshot there); crashed workers are
-    restarted from it up to ``tc.max_failures`` times.
+
+def worker_log_uri(spec: LoopSpec, rank: int) -> str:
+    """``<run>/logs/<stage>.log`` (rank 0) or ``<stage>.rank-<r>.log``."""
+    from pipeline.logs import stage_log_uri
+
+    return stage_log_uri(_run_uri(spec.uri), spec.stage, rank)
+
+
+def ray_worker(spec: LoopSpec) -> None:
+    """The Ray Train worker function: the loop with Ray's context and checkpoints; the worker's
+    whole output (stdout, stderr, C-level too) goes to the stage's log file."""
+    from pipeline.logs import capture_output
+    from pipeline.train import loop
+    from pipeline.train.checkpoint import RayCheckpoints
+    from pipeline.train.context import from_ray
+
+    ctx = from_ray(spec.cfg.use_gpu)
+    with capture_output(spec.storage, worker_log_uri(spec, ctx.rank)):
+        loop.run(spec, ctx, RayCheckpoints())
+
+
+def fit(spec: LoopSpec) -> str | None:
+    """Run the loop on ``tc.num_workers`` Ray Train workers; returns the newest checkpoint's URI.
+
+    Checkpoints go to ``<uri>/train/checkpoint-*``; a rerun with the same ``uri`` resumes from
+    the newest one (Ray Train V2 finds its snapshot there); crashed workers are restarted from it
+    up to ``tc.max_failures`` times. The driver shows one progress line meanwhile.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipeline.progress import watch
+
+    tc = spec.cfg
     check_resources(tc)
-    storage_path, filesystem = ray_storage(uri, storage)
+    storage_path, filesystem = ray_storage(spec.uri, spec.storage)
     trainer = TorchTrainer(
-        loop,
-        train_loop_config=loop_config,
+        ray_worker,
+        train_loop_config=spec,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(
-            name=name,
+            name=CHECKPOINTS,
             storage_path=storage_path,
             storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             failure_config=FailureConfig(max_failures=tc.max_failures),
         ),
     )
-    result = trainer.fit()
+    with watch(spec.storage, spec.uri, spec.stage):
+        result = trainer.fit()
     if result.error is not None:
+        log.error("[%s] training failed; the workers' full output: %s", spec.stage,
+                  worker_log_uri(spec, 0))
         raise result.error
-    return result
+    return result.checkpoint.path if result.checkpoint else None
+
+
+def fit_local(spec: LoopSpec) -> str | None:
+    """Run the loop in this process, without Ray: one process, or one rank of a ``torchrun``
+    launch (torch.distributed env:// variables). Checkpoints go to the same
+    ``<uri>/train/checkpoint-*`` folders as under Ray (either launcher resumes the other's).
+    Returns the newest checkpoint's URI."""
+    from pipeline.progress import watch
+    from pipeline.train import loop
+    from pipeline.train.checkpoint import FolderCheckpoints
+    from pipeline.train.context import barrier, from_env
+
+    tc = spec.cfg
+    ctx = from_env(tc.use_gpu)
+    if ctx.world != tc.num_workers:
+        log.info("[%s] %d process(es) here; train.num_workers=%d is for Ray launches",
+                 spec.stage, ctx.world, tc.num_workers)
+    checkpoints = FolderCheckpoints(spec.storage, join(spec.uri, CHECKPOINTS), ctx.rank,
+                                    ctx.world, tc.keep_checkpoints)
+    with watch(spec.storage, spec.uri, spec.stage, every_s=1.0) if ctx.is_main \
+            else contextlib.nullcontext():
+        result = loop.run(spec, ctx, checkpoints)
+    barrier()  # rank 0's export is written before any rank reads it
+    return result.checkpoint
+
+
+def launch(ctx: Any, task: type, args: dict[str, Any]) -> str | None:
+    """Train a stage's ``task`` from its StageContext: on Ray Train, or in this process when the
+    pipeline runs without Ray (``ctx.local``). Returns the newest checkpoint's URI."""
+    spec = LoopSpec(task=task, cfg=ctx.cfg, storage=ctx.storage, uri=ctx.uri,
+                    seed=int(ctx.root_cfg.seed), args=args, tracker=ctx.tracker_spec,
+                    stage=ctx.name)
+    return fit_local(spec) if ctx.local else fit(spec)
