@@ -46,6 +46,8 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
+RESULT = sys.stdout  # where the JSON goes (stdout; see __main__)
+
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), by a substring of the device name.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0,
                     "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0,
@@ -278,9 +280,15 @@ def main() -> int:
         checks["flash_attention"] = out["flash_attention"] is True
     out["checks"] = checks
     out["pass"] = all(checks.values())
-    print(json.dumps(out, indent=1, sort_keys=True, default=str))
+    print(json.dumps(out, indent=1, sort_keys=True, default=str), file=RESULT)
     return 0 if out["pass"] else 1
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import contextlib
+
+    # Stdout carries only the JSON object: what the libraries print goes to stderr.
+    RESULT = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        code = main()
+    raise SystemExit(code)

@@ -192,10 +192,9 @@ def with_stage_log(fn: Callable[..., Any], storage: Storage, run_uri: str, stage
     @functools.wraps(fn)  # keeps fn's signature: Ray Train checks how many arguments it takes
     def run(*args: Any, **kwargs: Any) -> Any:
         rank = 0
-        with contextlib.suppress(Exception):
-            import ray.train
-
-            rank = int(ray.train.get_context().get_world_rank())
+        if "ray.train" in sys.modules:  # a Ray Train worker has it imported; don't import it here
+            with contextlib.suppress(Exception):
+                rank = int(sys.modules["ray.train"].get_context().get_world_rank())
         with capture_output(storage, stage_log_uri(run_uri, stage, rank), every_s=every_s):
             return fn(*args, **kwargs)
 

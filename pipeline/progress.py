@@ -29,9 +29,10 @@ def progress_uri(stage_uri: str) -> str:
 
 
 def record(step: int, total: int, rate: float, unit: str, scalars: dict[str, float],
-           elapsed_s: float) -> dict[str, Any]:
-    """What the loop writes: ``eta_s`` from the recent rate (None before it is known)."""
-    eta = (total - step) / rate if rate > 0 else None
+           elapsed_s: float, steps_per_s: float) -> dict[str, Any]:
+    """What the loop writes: ``rate`` in ``unit``/s for the line, ``eta_s`` from the recent
+    steps per second (None before it is known)."""
+    eta = (total - step) / steps_per_s if steps_per_s > 0 else None
     return {"step": step, "total": total, "rate": rate, "unit": unit, "scalars": scalars,
             "eta_s": eta, "elapsed_s": elapsed_s, "time": time.time()}
 

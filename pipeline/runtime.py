@@ -153,13 +153,25 @@ def ensure_ray(cfg: Any) -> None:
     log.info("Ray resources: %s", {k: v for k, v in res.items() if not k.startswith("node:")})
 
 
-def _quiet_ray_data_console() -> None:
-    """Ray Data logs every dataset execution at INFO to the console; keep warnings only there.
+# Ray Data console records that are notices about our own settings, not problems.
+_RAY_DATA_NOTICES = (
+    "Progress bars disabled.",  # stages count shards themselves and turn Ray Data's bars off
+)
 
-    Its file log in the Ray session folder (``logs/ray-data``) keeps everything.
+
+def _not_a_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_RAY_DATA_NOTICES)
+
+
+def _quiet_ray_data_console() -> None:
+    """Ray Data logs every dataset execution at INFO to the console; keep warnings only there,
+    minus :data:`_RAY_DATA_NOTICES`. Its file log in the Ray session folder
+    (``logs/ray-data``) keeps everything.
     """
     import ray.data  # noqa: F401  (configures the "ray.data" logger on import)
 
     for h in logging.getLogger("ray.data").handlers:
         if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
             h.setLevel(max(h.level, logging.WARNING))
+            if _not_a_notice not in h.filters:
+                h.addFilter(_not_a_notice)

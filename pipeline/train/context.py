@@ -81,15 +81,13 @@ def from_env(use_gpu: bool) -> TrainContext:
     launcher = "env" if "WORLD_SIZE" in os.environ else "single"
     device = _device(use_gpu, local_rank)
     if not dist.is_initialized():
-        if launcher == "single":
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-            os.environ.setdefault("LOCAL_RANK", "0")
+        # One process: a private loopback store, and no MASTER_* variables left behind for
+        # child processes to inherit (only LOCAL_RANK, which DeepSpeed insists on).
+        init = f"tcp://127.0.0.1:{_free_port()}" if launcher == "single" else "env://"
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init,
                                 rank=rank, world_size=world)
     return TrainContext(rank, world, local_rank, device, launcher)
 

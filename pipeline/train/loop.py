@@ -150,7 +150,8 @@ def run(spec: LoopSpec, ctx: TrainContext, checkpoints: Checkpoints) -> LoopResu
         logs: dict[str, float] | None = None
         if cfg.due(state.step, cfg.log_every):
             logs = {k: float(v) for k, v in sums.items()}
-            rate = meter.rate(state.samples_seen) * task.units_per_sample
+            samples_per_s = meter.rate(state.samples_seen)
+            rate = samples_per_s * task.units_per_sample
             logs.update({"lr": lr, f"{task.unit}_per_s": rate})
             tracker.log(logs, step=state.step)
             if ctx.is_main:
@@ -158,7 +159,7 @@ def run(spec: LoopSpec, ctx: TrainContext, checkpoints: Checkpoints) -> LoopResu
                 history.flush()
                 shown = {k: logs[k] for k in task.progress_keys if k in logs}
                 rec = record(state.step, cfg.steps, rate, task.unit, shown,
-                             time.perf_counter() - started)
+                             time.perf_counter() - started, samples_per_s / cfg.global_batch)
                 # What this run restored: checks (bench/gpu_stages.py) compare it with the
                 # checkpoint's own state.json.
                 rec["resumed_from"] = json.loads(resumed.to_json()) if resumed else None
