@@ -94,6 +94,8 @@ class RayConfig:
 
     address: str | None = None
     num_cpus: int | None = None
+    # Kept for old configs and ignored: the embedded Ray always starts its dashboard on
+    # 127.0.0.1, because Ray Train's State API queries need it (pipeline/runtime.py).
     dashboard: bool = False
 
     def validate(self) -> None:
