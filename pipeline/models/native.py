@@ -255,6 +255,30 @@ def compiler() -> str | None:
     return None
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (``avx512f``, ...); empty where unreadable."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# Why each kernel library (by its ``what``) did not build in this process, for logs and tests.
+_failures: dict[str, list[str]] = {}
+
+
+def build_failures(what: str) -> list[str]:
+    """The reasons, one per flag set tried, that ``what``'s kernels did not build here: compile
+    errors (``compile: ...``), probes that died (``probe: ...``; an instruction the CPU lacks, or a
+    temporary directory mounted noexec), libraries that would not load (``load: ...``) and
+    self-tests that failed (``self-test: ...``). Empty when they built or were never tried."""
+    return list(_failures.get(what, []))
+
+
 def _cpu_signature() -> str:
     """What a ``-march=native`` binary depends on: the CPU model and its feature flags."""
     try:
@@ -273,14 +297,15 @@ def kernel_cache_dir() -> str:
 
 
 def build_library(cc: str, flags: list[str], directory: str, name: str,
-                  source: str = _SOURCE) -> ctypes.CDLL | None:
+                  source: str = _SOURCE, reasons: list[str] | None = None) -> ctypes.CDLL | None:
     """Compile ``source`` into ``directory/name.so`` and load it, or None on any failure.
 
     A probe executable built from the same source with ``-DNATIVE_PROBE`` (the source's ``main``
     runs every kernel once) runs first, so that an instruction this CPU lacks kills the probe,
     not the caller. A library that passed its probe is kept in :func:`kernel_cache_dir` under a
     hash of compiler, flags, source and CPU, so later processes (every Ray worker, every
-    restart) load it in milliseconds instead of compiling; callers still self-test it."""
+    restart) load it in milliseconds instead of compiling; callers still self-test it. On a
+    failure, why is appended to ``reasons`` (see :func:`build_failures`)."""
     key = hashlib.sha256("\0".join([cc, *flags, source, _cpu_signature()]).encode()).hexdigest()
     cached = os.path.join(kernel_cache_dir(), f"{key[:32]}.so")
     if os.path.exists(cached):
@@ -292,6 +317,7 @@ def build_library(cc: str, flags: list[str], directory: str, name: str,
     lib = os.path.join(directory, f"{name}.so")
     probe = os.path.join(directory, f"{name}_probe")
     exe_flags = [f for f in flags if f not in ("-shared", "-fPIC")]
+    step = "compile"
     try:
         with open(src, "w", encoding="utf-8") as f:
             f.write(source)
@@ -299,10 +325,17 @@ def build_library(cc: str, flags: list[str], directory: str, name: str,
                        timeout=120)
         subprocess.run([cc, "-DNATIVE_PROBE", src, "-o", probe, *exe_flags], check=True,
                        capture_output=True, timeout=120)
+        step = "probe"
         subprocess.run([probe], check=True, capture_output=True, timeout=30)
+        step = "load"
         loaded = ctypes.CDLL(lib)
     except (OSError, subprocess.SubprocessError) as e:
-        logger.debug("native kernel build failed (%s): %s", " ".join(flags), e)
+        detail = getattr(e, "stderr", None) or b""
+        detail = detail.decode(errors="replace")[-600:] if isinstance(detail, bytes) else ""
+        reason = f"{step}: {e}{': ' + detail.strip() if detail.strip() else ''}"
+        logger.debug("native kernel build failed (%s): %s", " ".join(flags), reason)
+        if reasons is not None:
+            reasons.append(f"[{' '.join(flags)}] {reason}")
         return None
     _keep(lib, cached)
     return loaded
@@ -426,21 +459,27 @@ def build_checked(what: str, source: str, flag_sets: list[list[str]],
     if cc is None:
         logger.info("no C compiler: %s kernels not built, PyTorch's are used", what)
         return None
+    reasons = _failures.setdefault(what, [])
+    reasons.clear()
     try:
         with tempfile.TemporaryDirectory(prefix="taming-native-") as directory:
             for i, flags in enumerate(flag_sets):
                 # the mapped library outlives its file
-                lib = build_library(cc, flags, directory, f"kernels_{i}", source)
+                lib = build_library(cc, flags, directory, f"kernels_{i}", source, reasons)
                 if lib is None:
                     continue
                 kernels = wrap(lib)
                 if kernels is None:
                     return None
                 if self_test(kernels):
+                    reasons.clear()
                     return kernels
+                reasons.append(f"[{' '.join(flags)}] self-test: results differ from torch's")
                 logger.warning("%s kernels (%s) failed their self-test", what, " ".join(flags))
     except OSError as e:  # no writable temporary directory
-        logger.info("%s kernels not built: %s", what, e)
+        reasons.append(f"tempdir: {e}")
+    if reasons:
+        logger.warning("%s kernels not built, PyTorch's are used: %s", what, reasons[-1])
     return None
 
 

@@ -21,6 +21,8 @@ from pipeline.models.decode import (
 )
 from pipeline.models.gpt import GPT, GPTConfig
 
+from .conftest import require_kernels
+
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
@@ -44,7 +46,9 @@ def test_decode_step_matches_forward_step(kernels, bias, batch):
     if kernels == "onednn" and not onednn_usable(model.tok_emb.weight):
         pytest.skip("oneDNN packed linears unavailable")
     if kernels == "native" and native_kernels() is None:
-        pytest.skip("no native kernels (no C compiler or no AVX-512?)")
+        require_kernels(native_kernels_mod.load(), "native decoding")  # skips, or fails with why
+        assert "avx512f" not in native_kernels_mod.cpu_flags(), "no linear kernel on AVX-512"
+        pytest.skip("the native linear kernel needs AVX-512")
     decode = DecodeStep(model, batch=4, kernels=kernels)  # packed for 4 rows, run on others
     assert decode.kernels == kernels
     idx = torch.randint(0, 32, (batch, 10))
