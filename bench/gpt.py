@@ -60,7 +60,7 @@ UPSTREAM = [
     "train_vqgan.micro_batch=8", "train_vqgan.num_workers=1", "train_vqgan.steps=5",
     "train_vqgan.checkpoint_every=5", "train_vqgan.log_every=5", "train_vqgan.image_every=5",
     "train_vqgan.eval_images=16",
-    "tokenize.flip=false", "tokenize.progress=false",
+    "tokenize.store_flipped=false", "tokenize.progress=false",
 ]
 
 # The measured configuration (issue #6). zero_stage is left at the stage's default.

@@ -46,10 +46,10 @@ import torch  # noqa: E402
 
 from bench.gpt_model import model_config as gpt_config  # noqa: E402
 from bench.vqgan import build, train_step  # noqa: E402
+from pipeline.kernels.winograd import enable_winograd  # noqa: E402
 from pipeline.models import VQGANLoss, VQGANLossConfig  # noqa: E402
 from pipeline.models.gpt import GPT, GPTConfig  # noqa: E402
 from pipeline.models.sampling import sample, sample_sliding, sample_uncached  # noqa: E402
-from pipeline.models.winograd import enable_winograd  # noqa: E402
 
 CUDA = torch.device("cuda")
 

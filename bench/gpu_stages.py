@@ -67,7 +67,7 @@ def overrides(tiny: bool, cuda: bool, root: str, steps: int) -> list[str]:
               "shard.source=builtin:photos:" + ("64" if tiny else "512"), "shard.ext=jpg",
               "shard.resolution=" + ("32" if tiny else "256"),
               "shard.samples_per_shard=" + ("32" if tiny else "128"), "shard.val_fraction=0.1",
-              "shard.progress=false", "tokenize.progress=false", "tokenize.flip=false",
+              "shard.progress=false", "tokenize.progress=false", "tokenize.store_flipped=false",
               f"tokenize.use_gpu={str(cuda).lower()}"]
     train = {"steps": steps, "num_workers": 1, "use_gpu": str(cuda).lower(), "zero_stage": 2,
              "precision": "bf16", "checkpoint_every": steps, "keep_checkpoints": 2,

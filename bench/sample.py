@@ -7,9 +7,10 @@ Threads: the process runs with ``--threads`` intra-op threads (``threads`` in th
 ``OMP_WAIT_POLICY`` (``omp_wait_policy``). The samplers run their one-token steps on
 ``decode_threads`` threads (:func:`pipeline.models.decode.decode_threads`: one for steps as small
 as these, restoring the setting after), with the ``decode_kernels`` kernel set (``native``: the C
-kernels of :mod:`pipeline.models.native`, built at first use with the system compiler;
-``onednn``; ``aten``); prefixes and chunks (sliding window, uncached) use all ``threads``. The
-pipeline's samplers do the same, so the cached figure does not depend on the wait policy.
+kernels of :mod:`pipeline.kernels.decode`, installed at start, built at first use with the system
+compiler; ``onednn``; ``aten``); prefixes and chunks (sliding window, uncached) use all
+``threads``. The pipeline's samplers do the same, so the cached figure does not depend on the
+wait policy.
 
 - ``cached``: :func:`pipeline.models.sampling.sample`, block 256, 256 new codes per row.
 - ``uncached``: :func:`sample_uncached` (full context every step, as the reference's ``sample``).
@@ -54,6 +55,7 @@ from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
+from pipeline.kernels import decode as native_decode  # noqa: E402
 from pipeline.models.decode import (  # noqa: E402
     DecodeStep,
     decode_threads,
@@ -122,6 +124,7 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="also time cached/sliding in bf16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    native_decode.install()  # the C kernels as the samplers' "native" set
     torch.manual_seed(0)
     b = args.batch
     labels = torch.arange(b) % 10

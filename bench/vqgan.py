@@ -4,7 +4,7 @@ Prints one JSON object. Config (the issue's): resolution 64, ch 64, ch_mult [1,1
 block, attention at 8, z/embed 64, 512 codes, batch 8, discriminator on (disc_start 0), LPIPS
 with the random backbone (same compute as VGG16 LPIPS), fp32 unless ``--bf16`` (CPU autocast).
 3x3 stride-1 convolutions by Winograd F(4x4, 3x3) (all of them), as the stage does in fp32
-(:mod:`pipeline.models.winograd`; ``--winograd 0`` for oneDNN's direct convolutions only).
+(:mod:`pipeline.kernels.winograd`; ``--winograd 0`` for oneDNN's direct convolutions only).
 
     .venv/bin/python bench/vqgan.py [--threads 2] [--steps 4] [--rounds 3] [--bf16]
         [--winograd 4] [--channels-last] [--no-tune-allocator] [--no-reference] [--batch 8]
@@ -68,6 +68,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from pipeline.kernels.winograd import DEFAULT_MIN_SIZE, enable_winograd  # noqa: E402
 from pipeline.models import (  # noqa: E402
     LPIPS,
     VQGAN,
@@ -80,7 +81,6 @@ from pipeline.models import (  # noqa: E402
     set_requires_grad,
 )
 from pipeline.models.perf import tune_cpu_allocator  # noqa: E402
-from pipeline.models.winograd import DEFAULT_MIN_SIZE, enable_winograd  # noqa: E402
 
 BENCH_CONFIG = VQGANConfig(
     resolution=64, ch=64, ch_mult=[1, 1, 2, 2], num_res_blocks=1, attn_resolutions=[8],

@@ -143,8 +143,27 @@ def _check_override_key(schema: type, key: str) -> None:
             else set()
         if part not in names:
             where = ".".join(parts[:i]) or "the root"
-            raise ConfigError(key, f"unknown key (no {part!r} in {where})")
+            raise ConfigError(key, f"unknown key (no {part!r} in {where})"
+                                   f"{renamed_hint(node, part)}")
         node = getattr(node, part)
+
+
+def renamed_hint(section: Any, name: str) -> str:
+    """``"; renamed: ..."`` when a config section lists ``name`` in its ``RENAMED`` class
+    attribute (old key -> what replaced it), else ``""``."""
+    new = getattr(section, "RENAMED", {}).get(name)
+    return f"; it was renamed: use {new}" if new else ""
+
+
+def _renamed_in(schema: type, key: str) -> str:
+    """:func:`renamed_hint` for a dotted ``key`` of ``schema`` (OmegaConf's unknown-key errors)."""
+    node: Any = schema()
+    *parents, last = key.split(".")
+    for part in parents:
+        if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+            return ""
+        node = getattr(node, part)
+    return renamed_hint(node, last) if dataclasses.is_dataclass(node) else ""
 
 
 def parse_overrides(overrides: list[str], schema: type) -> list[str]:
@@ -206,7 +225,7 @@ def load_config(path: str | None, overrides: list[str], schema: type) -> Any:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or ""
         msg = str(e).split("\n")[0]
-        raise ConfigError(str(key), msg) from None
+        raise ConfigError(str(key), msg + _renamed_in(schema, str(key))) from None
     _validate(cfg)
     return cfg
 

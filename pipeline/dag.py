@@ -1,6 +1,6 @@
 """The stage graph: fingerprints, content-addressed outputs, cached skip, resume, selection.
 
-Contract (../shared/DESIGN.md §3):
+Contract (README, "Where outputs go, and how resume works"):
 
 - fingerprint = sha256 of canonical JSON of (stage name, the stage's own config without fields
   marked ``fingerprint=False``, upstream fingerprints, the stage's output format version, the
@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -26,6 +27,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.config import canonical_json, fingerprint_view, make_schema, to_dict
+from pipeline.manifests import Record
 from pipeline.storage import MANIFEST, Storage, is_local, join, normalize_root
 from pipeline.tracking import NullTracker, Tracker, TrackerSpec, resolve_mode, wandb_run_id
 
@@ -36,15 +38,17 @@ log = logging.getLogger("pipeline")
 class Stage:
     """One node of the DAG.
 
-    ``run(ctx)`` does the work in ``ctx.uri`` and returns what goes into the manifest (JSON-able
-    dict: output URIs, counts, metrics). It must be resumable: called again after a crash in the
-    same folder, it reuses what was finalized there. Bump ``version`` when the output format
-    changes, so old outputs are not reused.
+    ``run(ctx)`` does the work in ``ctx.uri`` and returns what goes into the manifest: an
+    ``outputs`` record (:mod:`pipeline.manifests`; output URIs, counts, metrics) or a JSON-able
+    dict. It must be resumable: called again after a crash in the same folder, it reuses what was
+    finalized there. Bump ``version`` when the output format changes, so old outputs are not
+    reused. ``is_complete`` and ``report`` get the outputs as that record (``outputs``), or as
+    the dict when the stage declares none.
     """
 
     name: str
     config: type
-    run: Callable[[StageContext], dict[str, Any] | None]
+    run: Callable[[StageContext], Record | dict[str, Any] | None]
     upstream: tuple[str, ...] = ()
     version: int = 1
     needs_ray: bool = True
@@ -52,10 +56,32 @@ class Stage:
     # Optional: are these finished outputs still what the config asks for? (e.g. a training
     # stage whose `steps` was raised, which is outside the fingerprint: not complete, so it runs
     # again in the same folder and continues from its newest checkpoint.)
-    is_complete: Callable[[dict[str, Any], Any], bool] | None = None
+    is_complete: Callable[[Any, Any], bool] | None = None
     # Optional: the stage's part of the run's report.html, from its manifest's outputs:
     # {"metrics": {label: value}, "images": [(caption, uri), ...]} (pipeline/report.py).
-    report: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    report: Callable[[Any], dict[str, Any]] | None = None
+    # The record type of its outputs (pipeline.manifests); None: a plain dict.
+    outputs: type[Record] | None = None
+
+    def parse_outputs(self, manifest: dict[str, Any]) -> Any:
+        """A finished manifest's outputs as this stage's record (ManifestError when a field is
+        missing), or the plain dict when the stage declares no record."""
+        raw = manifest.get("outputs", {})
+        if self.outputs is None:
+            return raw
+        return self.outputs.from_dict(raw, f"{self.name} outputs ({manifest.get('uri', '?')})")
+
+
+def stage_folder(run_uri: str, name: str, fingerprint: str) -> str:
+    """Where a stage with this fingerprint keeps its outputs: ``<run>/<name>-<fp[:12]>``. The one
+    folder rule; readers that find stages by folder (``pipeline sample RUN``) use it too."""
+    return join(run_uri, f"{name}-{fingerprint[:12]}")
+
+
+def stage_of_folder(folder_name: str) -> str | None:
+    """The stage name of a folder named by :func:`stage_folder` (its last path part), or None."""
+    m = re.fullmatch(r"(.+)-[0-9a-f]{12}", folder_name)
+    return m.group(1) if m else None
 
 
 @dataclass
@@ -68,12 +94,23 @@ class StageContext:
     cfg: Any  # the stage's own config section
     root_cfg: Any  # the whole resolved config
     storage: Storage
-    inputs: dict[str, dict[str, Any]]  # upstream stage name → its manifest
+    inputs: dict[str, dict[str, Any]]  # upstream stage name → its manifest (raw JSON)
     tracker_spec: TrackerSpec | None = None
     # True: no Ray in this run; the stage works in this process (training on the local loop,
     # shard and tokenize serially). See Pipeline.run(local=...).
     local: bool = False
+    # upstream stage name → its Stage (to read its outputs as a record: ``input``)
+    upstream_stages: dict[str, Stage] = field(default_factory=dict, repr=False)
     _tracker: Tracker | None = field(default=None, repr=False)
+
+    def input(self, name: str) -> Any:
+        """Upstream stage ``name``'s outputs, typed (its ``Stage.outputs`` record)."""
+        if name not in self.inputs:
+            raise KeyError(f"stage {self.name!r} has no upstream {name!r} "
+                           f"(upstream: {', '.join(self.inputs) or 'none'})")
+        stage = self.upstream_stages.get(name)
+        manifest = self.inputs[name]
+        return stage.parse_outputs(manifest) if stage else manifest.get("outputs", {})
 
     @property
     def tracker(self) -> Tracker:
@@ -169,7 +206,7 @@ class Pipeline:
             fp = fingerprint(name, getattr(cfg, name), {u: fps[u] for u in stage.upstream},
                              stage.version, cfg.seed)
             fps[name] = fp
-            out.append(PlannedStage(stage, fp, join(self.run_uri(cfg), f"{name}-{fp[:12]}")))
+            out.append(PlannedStage(stage, fp, stage_folder(self.run_uri(cfg), name, fp)))
         return out
 
     def _check_names(self, names: Iterable[str], flag: str) -> None:
@@ -336,7 +373,7 @@ class Pipeline:
         for up, m in inputs.items():
             if up in recorded and recorded[up] != outputs_digest(m):
                 return f"upstream {up!r} changed since this stage finished: redoing it"
-        if stage.is_complete is not None and not stage.is_complete(manifest.get("outputs", {}),
+        if stage.is_complete is not None and not stage.is_complete(stage.parse_outputs(manifest),
                                                                    section):
             return "outputs do not meet the config any more (e.g. more steps): continuing"
         return None
@@ -350,6 +387,7 @@ class Pipeline:
         log.info("[%s] %s: %s", name, "resuming" if resumed else "running", p.uri)
         ctx = StageContext(name=name, fingerprint=p.fingerprint, uri=p.uri,
                            cfg=getattr(cfg, name), root_cfg=cfg, storage=storage, inputs=inputs,
+                           upstream_stages={u: self.stages[u] for u in p.stage.upstream},
                            tracker_spec=None if secondary else self.tracker_spec(cfg, p),
                            local=local)
         started, t0 = _now(), time.perf_counter()
@@ -358,6 +396,8 @@ class Pipeline:
         # with the same run id, and two live writers of one W&B run would conflict.
         try:
             outputs = p.stage.run(ctx) or {}
+            if isinstance(outputs, Record):
+                outputs = outputs.to_dict()
         except Exception as e:
             log.error("[%s] failed after %.1fs; no manifest written, rerun to resume\n%s",
                       name, time.perf_counter() - t0, traceback.format_exc())
@@ -389,4 +429,5 @@ class Pipeline:
 
 
 __all__ = ["MANIFEST", "Pipeline", "PlannedStage", "SelectionError", "Stage", "StageContext",
-           "StageFailed", "StageStatus", "fingerprint"]
+           "StageFailed", "StageStatus", "fingerprint", "stage_folder",
+           "stage_of_folder"]

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.dag import stage_folder, stage_of_folder
+from pipeline.manifests import GPTOutputs, VQGANOutputs
 from pipeline.storage import MANIFEST, Storage, basename, join
 
 log = logging.getLogger("pipeline")
@@ -73,10 +75,10 @@ def _finished(storage: Storage, stage_uri: str, stage: str) -> dict[str, Any] | 
 
 
 def _newest(storage: Storage, run_uri: str, stage: str) -> str | None:
-    """The most recently finished ``<stage>-<fp12>`` folder of a run folder, or None."""
+    """The most recently finished folder of ``stage`` in a run folder, or None."""
     found = []
     for uri in storage.listdir(run_uri):
-        if re.fullmatch(rf"{stage}-[0-9a-f]{{12}}", basename(uri)):
+        if stage_of_folder(basename(uri)) == stage:
             m = _finished(storage, uri, stage)
             if m is not None:
                 found.append((m.get("finished_at", ""), uri))
@@ -104,6 +106,30 @@ def relocator(recorded_stage_uri: str, actual_stage_uri: str) -> Callable[[str],
     return lambda u: new + u[len(old):] if u.startswith(old) else u
 
 
+def run_models(storage: Storage, manifest: dict[str, Any], folder: str) -> RunModels:
+    """The models of a finished train_transformer ``manifest`` found in ``folder`` (where the
+    manifest's URIs are, after :func:`relocator`). The VQGAN is the one its outputs record;
+    manifests written before that was recorded name it by fingerprint (``upstream``), and the
+    DAG's folder rule (:func:`pipeline.dag.stage_folder`) gives its folder."""
+    out = GPTOutputs.from_dict(manifest.get("outputs", {}),
+                               f"{TRANSFORMER} outputs ({folder})")
+    moved = relocator(manifest["uri"], folder)
+    vq = out.vqgan
+    if vq is None:
+        vq_fp = manifest.get("upstream", {}).get(VQGAN_STAGE, "")
+        vq_folder = stage_folder(folder.rsplit("/", 1)[0], VQGAN_STAGE, vq_fp)
+        vq_manifest = _finished(storage, vq_folder, VQGAN_STAGE)
+        if vq_manifest is None:
+            raise FileNotFoundError(f"{vq_folder}: the VQGAN this GPT was trained on is not "
+                                    f"finished or was removed")
+        vq = VQGANOutputs.from_dict(vq_manifest["outputs"], f"{VQGAN_STAGE} outputs").export
+    return RunModels(
+        transformer_uri=folder, gpt_weights=moved(out.export.weights),
+        gpt_config=moved(out.export.config), vqgan_weights=moved(vq.weights),
+        vqgan_config=moved(vq.config), grid=(int(out.grid[0]), int(out.grid[1])),
+        classes=[str(c) for c in out.classes] if out.n_classes else [])
+
+
 def find_models(storage: Storage, uri: str) -> RunModels:
     """The models of a run. ``uri``: a run folder (``<root>/<run>``, holding run.json) or a
     finished train_transformer stage folder. Within a run folder, the train_transformer of the
@@ -117,21 +143,7 @@ def find_models(storage: Storage, uri: str) -> RunModels:
         raise FileNotFoundError(
             f"{uri}: no finished {TRANSFORMER} stage here (give a run folder <root>/<run> or a "
             f"{TRANSFORMER}-<fp> folder holding {MANIFEST}); run the pipeline first")
-    moved = relocator(manifest["uri"], folder)
-    run_uri = folder.rsplit("/", 1)[0]
-    out = manifest["outputs"]
-    vq_fp = manifest.get("upstream", {}).get(VQGAN_STAGE, "")
-    vq_manifest = _finished(storage, join(run_uri, f"{VQGAN_STAGE}-{vq_fp[:12]}"), VQGAN_STAGE)
-    if vq_manifest is None:
-        raise FileNotFoundError(f"{run_uri}: the VQGAN this GPT was trained on "
-                                f"({VQGAN_STAGE}-{vq_fp[:12]}) is not finished or was removed")
-    vq = vq_manifest["outputs"]["export"]
-    h, w = out["grid"]
-    return RunModels(
-        transformer_uri=folder, gpt_weights=moved(out["export"]["weights"]),
-        gpt_config=moved(out["export"]["config"]), vqgan_weights=moved(vq["weights"]),
-        vqgan_config=moved(vq["config"]), grid=(int(h), int(w)),
-        classes=[str(c) for c in out.get("classes", [])] if out.get("n_classes") else [])
+    return run_models(storage, manifest, folder)
 
 
 def load_models(storage: Storage, models: RunModels, device: str = "cpu") -> tuple[Any, Any]:
@@ -272,4 +284,4 @@ def highres_png(images: torch.Tensor) -> np.ndarray:
 
 __all__ = ["Generated", "RunModels", "SampleOptions", "class_labels", "code_grid",
            "display_factor", "find_models", "generate", "highres_png", "load_models", "relocator",
-           "sample_names", "write_pngs"]
+           "run_models", "sample_names", "write_pngs"]

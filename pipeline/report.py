@@ -121,9 +121,9 @@ def write_report(pipe: Any, cfg: Any, storage: Storage) -> str:
                "section": None, "state": "pending"}
         if manifest is not None:
             outputs = manifest.get("outputs", {})
-            make = p.stage.report or default_section
             try:
-                section = make(outputs)
+                section = (p.stage.report(p.stage.parse_outputs(manifest)) if p.stage.report
+                           else default_section(outputs))
             except (KeyError, TypeError, ValueError) as e:  # an older manifest's layout
                 log.warning("[report] %s: %s; showing its scalar outputs", p.stage.name, e)
                 section = default_section(outputs)

@@ -22,6 +22,8 @@ from typing import Any
 
 from pipeline.config import ConfigError, no_fingerprint
 from pipeline.dag import Stage, StageContext
+from pipeline.manifests import HighRes, SampleOutputs, ShardOutputs
+from pipeline.seeds import derive
 from pipeline.storage import Storage, join
 
 log = logging.getLogger("pipeline")
@@ -49,14 +51,7 @@ class SampleConfig:
         for name in ("n", "batch_size", "classifier_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise ConfigError("temperature", f"must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError("top_k", f"must be >= 0 (0: off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.cfg_scale < 0:
-            raise ConfigError("cfg_scale", f"must be >= 0, got {self.cfg_scale}")
+        self.options().check()  # the sampling options' one check ("key: message" errors)
         if self.highres and (len(self.highres) != 2 or min(self.highres) < 1):
             raise ConfigError("highres", f"must be [H, W] (code grid) or [], got {self.highres}")
         if self.highres_n < 0:
@@ -67,8 +62,10 @@ class SampleConfig:
     def options(self) -> Any:
         from pipeline.generate import SampleOptions
 
-        return SampleOptions(temperature=self.temperature, top_k=self.top_k or None,
-                             top_p=self.top_p if self.top_p < 1 else None,
+        # 0 / 1 mean "off" in the config; any other value is checked by SampleOptions.check.
+        return SampleOptions(temperature=self.temperature,
+                             top_k=None if self.top_k == 0 else self.top_k,
+                             top_p=None if self.top_p == 1 else self.top_p,
                              cfg_scale=self.cfg_scale)
 
 
@@ -105,7 +102,7 @@ def check_with_classifier(storage: Storage, train: list[str], val: list[str], si
 
 
 def sample_task(cfg: SampleConfig, storage: Storage, uri: str, models: Any, data: dict[str, Any],
-                seed: int) -> dict[str, Any]:
+                seed: int) -> SampleOutputs:
     """Everything the stage computes; runs in a Ray task (or inline)."""
     import torch
 
@@ -126,13 +123,7 @@ def sample_task(cfg: SampleConfig, storage: Storage, uri: str, models: Any, data
     index = [{"file": name, "class": int(k) if labels is not None else None}
              for name, k in zip(names, labels.tolist() if labels is not None else [None] * n,
                                 strict=True)]
-    result: dict[str, Any] = {
-        "grid_png": grid_uri, "samples_dir": join(uri, "samples"), "n": n,
-        "n_per_class": cfg.n if n_classes else None, "classes": models.classes,
-        "code_grid": list(models.grid), "image_size": list(out.images.shape[-2:]),
-        "sampling_seconds": round(out.seconds, 3), "tokens_per_s": round(out.tokens_per_s, 1),
-        "options": cfg.options().to_dict(), "highres": None, "classifier": None,
-    }
+    highres = classifier = None
 
     if cfg.highres and cfg.highres_n:
         grid = (int(cfg.highres[0]), int(cfg.highres[1]))
@@ -141,52 +132,59 @@ def sample_task(cfg: SampleConfig, storage: Storage, uri: str, models: Any, data
                                          f"{list(models.grid)}")
         hl = (torch.arange(cfg.highres_n) % n_classes) if n_classes else None
         big = g.generate(gpt, vqgan, cfg.highres_n, hl, models.grid, grid,
-                         options=cfg.options(), seed=seed + 1, batch_size=cfg.batch_size)
+                         options=cfg.options(), seed=derive(seed, "highres"),
+                         batch_size=cfg.batch_size)
         hnames = [f"highres-{i:02d}.png" for i in range(cfg.highres_n)]
         g.write_pngs(storage, join(uri, "highres"), big.images, hnames, cols=1)
         stacked = join(uri, "highres", "highres.png")
         storage.write_bytes(stacked, png_bytes(g.highres_png(big.images)))
-        result["highres"] = {
-            "png": stacked, "files": [join(uri, "highres", h) for h in hnames],
-            "code_grid": list(grid), "image_size": list(big.images.shape[-2:]),
-            "classes": hl.tolist() if hl is not None else None,
-            "seconds": round(big.seconds, 3), "tokens_per_s": round(big.tokens_per_s, 1)}
+        highres = HighRes(
+            png=stacked, files=[join(uri, "highres", h) for h in hnames], code_grid=grid,
+            image_size=tuple(big.images.shape[-2:]),
+            classes=hl.tolist() if hl is not None else None,
+            seconds=round(big.seconds, 3), tokens_per_s=round(big.tokens_per_s, 1))
 
     if cfg.classifier and n_classes >= 2:
-        result["classifier"] = check_with_classifier(
+        classifier = check_with_classifier(
             storage, data["train"], data["val"], int(out.images.shape[-1]),
             cfg.classifier_images, n_classes, out.images, labels, seed)
-    storage.write_json(join(uri, "samples.json"), {**result, "files": index})
+    result = SampleOutputs(
+        grid_png=grid_uri, samples_dir=join(uri, "samples"), n=n,
+        n_per_class=cfg.n if n_classes else None, classes=models.classes,
+        code_grid=models.grid, image_size=tuple(out.images.shape[-2:]),
+        sampling_seconds=round(out.seconds, 3), tokens_per_s=round(out.tokens_per_s, 1),
+        options=cfg.options().to_dict(), highres=highres, classifier=classifier)
+    storage.write_json(join(uri, "samples.json"), {**result.to_dict(), "files": index})
     return result
 
 
 # -- driver side -----------------------------------------------------------------------------------
 
 
-def run(ctx: StageContext) -> dict[str, Any]:
+def run(ctx: StageContext) -> SampleOutputs:
     import ray
 
-    from pipeline.generate import find_models
+    from pipeline.generate import run_models
 
     cfg: SampleConfig = ctx.cfg
-    models = find_models(ctx.storage, ctx.inputs["train_transformer"]["uri"])
-    shard = ctx.inputs["shard"]["outputs"]
-    data = {split: [s["uri"] for s in shard["shards"] if s["split"] == split and s["samples"]]
-            for split in ("train", "val")}
+    gpt = ctx.inputs["train_transformer"]
+    models = run_models(ctx.storage, gpt, gpt["uri"])
+    shard: ShardOutputs = ctx.input("shard")
+    data = {split: shard.uris(split) for split in ("train", "val")}
     task = ray.remote(sample_task).options(num_cpus=cfg.num_cpus,
                                            num_gpus=1 if cfg.use_gpu else 0)
     t0 = time.perf_counter()
     result = ray.get(task.remote(cfg, ctx.storage, ctx.uri, models, data, ctx.root_cfg.seed))
-    log.info("[sample] %d samples in %.1fs (%.0f codes/s)%s", result["n"],
-             time.perf_counter() - t0, result["tokens_per_s"],
-             f"; classifier accuracy {result['classifier']['accuracy']:.1%}"
-             if result["classifier"] else "")
-    images = {"samples": result["grid_png"]}
-    if result["highres"]:
-        images["highres"] = result["highres"]["png"]
+    log.info("[sample] %d samples in %.1fs (%.0f codes/s)%s", result.n,
+             time.perf_counter() - t0, result.tokens_per_s,
+             f"; classifier accuracy {result.classifier['accuracy']:.1%}"
+             if result.classifier else "")
+    images = {"samples": result.grid_png}
+    if result.highres:
+        images["highres"] = result.highres.png
     ctx.tracker.log_images({k: _local_copy(ctx.storage, v) for k, v in images.items()})
-    if result["classifier"]:
-        ctx.tracker.summary({"sample/classifier_accuracy": result["classifier"]["accuracy"]})
+    if result.classifier:
+        ctx.tracker.summary({"sample/classifier_accuracy": result.classifier["accuracy"]})
     return result
 
 
@@ -200,18 +198,17 @@ def _local_copy(storage: Storage, uri: str) -> Any:
     return np.asarray(Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB"))
 
 
-def report(outputs: dict[str, Any]) -> dict[str, Any]:
+def report(outputs: SampleOutputs) -> dict[str, Any]:
     """The report's section: the sample grid, the high-resolution sample, the classifier."""
-    images = [("Samples per class" if outputs.get("classes") else "Samples",
-               outputs["grid_png"])]
-    metrics: dict[str, Any] = {"samples": outputs["n"],
-                               "codes/s (sampling + decoding)": outputs["tokens_per_s"]}
-    hr = outputs.get("highres")
+    images = [("Samples per class" if outputs.classes else "Samples", outputs.grid_png)]
+    metrics: dict[str, Any] = {"samples": outputs.n,
+                               "codes/s (sampling + decoding)": outputs.tokens_per_s}
+    hr = outputs.highres
     if hr:
-        h, w = hr["image_size"]
-        images.append((f"High resolution: {h}x{w} px from a {hr['code_grid'][0]}x"
-                       f"{hr['code_grid'][1]} code grid (sliding window)", hr["png"]))
-    clf = outputs.get("classifier")
+        h, w = hr.image_size
+        images.append((f"High resolution: {h}x{w} px from a {hr.code_grid[0]}x"
+                       f"{hr.code_grid[1]} code grid (sliding window)", hr.png))
+    clf = outputs.classifier
     if clf:
         metrics["classifier accuracy on samples"] = f"{clf['accuracy']:.1%}"
         if "real_val" in clf:
@@ -220,5 +217,5 @@ def report(outputs: dict[str, Any]) -> dict[str, Any]:
 
 
 STAGE = Stage("sample", SampleConfig, run, upstream=("shard", "train_transformer"), version=1,
-              report=report,
+              report=report, outputs=SampleOutputs,
               help="samples per class, high-resolution sliding-window samples, classifier check")

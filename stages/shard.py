@@ -17,8 +17,8 @@ Resume: a task whose tar already exists reuses it (and its sidecar, or rebuilds 
 reading the tar back and re-checking the inputs missing from it); tars and sidecars are written
 with ``Storage.open_atomic``, so a killed task leaves no half shard.
 
-Test hook: ``PIPELINE_SHARD_FAIL_AFTER=N`` in the driver's environment makes the stage raise once
-N shards are finalized (an interrupted run, for the kill-and-resume tests).
+Test hook: ``PIPELINE_FAULT=shard:N`` in the driver's environment makes the stage raise once N
+shards are finalized (an interrupted run, for the kill-and-resume tests; :mod:`pipeline.faults`).
 """
 
 from __future__ import annotations
@@ -26,10 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +53,9 @@ from pipeline.data.sources import (
     load_item,
     source_kind,
 )
+from pipeline.faults import planned
+from pipeline.manifests import ShardFile, ShardOutputs, ShardTotals
+from pipeline.ray_tasks import ShardProgress, images_per_s, run_calls, split_counts, worker_count
 from pipeline.storage import (
     Storage,
     is_local,
@@ -66,9 +67,11 @@ from pipeline.storage import (
 log = logging.getLogger("pipeline")
 
 SPLITS = ("train", "val")
-FAIL_AFTER_ENV = "PIPELINE_SHARD_FAIL_AFTER"
 PARTS = "_parts"
 SKIPPED = "skipped.jsonl"
+# What a torchrun launch without Ray is told: shard runs in one process (ray_tasks.run_calls).
+_ONE_PROCESS = {"stage": "shard",
+                "command": "python -m pipeline run CONFIG --no-ray --until shard"}
 _HASH_CHUNK = 256  # inputs per dedup hashing task
 
 
@@ -247,7 +250,7 @@ def _content_hashes(ctx: StageContext, items: list[Item], workers: int) -> dict[
         pass
     chunks = [items[i:i + _HASH_CHUNK] for i in range(0, len(items), _HASH_CHUNK)]
     results = run_calls(hash_items, [(chunk, ctx.storage) for chunk in chunks], workers,
-                        local=ctx.local)
+                        local=ctx.local, **_ONE_PROCESS)
     hashes = {it.key: h for i, chunk in enumerate(chunks) for it, h in zip(chunk, results[i])}
     ctx.storage.write_json(cache_uri, {"items_digest": digest, "hashes": hashes})
     return hashes
@@ -360,100 +363,15 @@ def write_shard(shard: ShardSpec, spec: ImageSpec, storage: Storage) -> dict[str
 # -- driver -----------------------------------------------------------------------------------
 
 
-def _fail_after() -> int | None:
-    value = os.environ.get(FAIL_AFTER_ENV)
-    return int(value) if value else None
-
-
-def _worker_count(cfg: ShardConfig, local: bool = False) -> int:
-    if local:
-        return 1
-    import ray
-
-    cpus = int(ray.cluster_resources().get("CPU", 0))
-    if cpus < 1:
-        raise RuntimeError("the Ray cluster has no CPU available; shard tasks need 1 CPU each "
-                           "(start workers, or set ray.num_cpus for an embedded Ray)")
-    return cfg.num_workers or cpus
-
-
-def run_calls(fn: Callable[..., Any], calls: list[tuple[Any, ...]], workers: int,
-              on_result: Callable[[int, Any], None] | None = None, local: bool = False
-              ) -> list[Any]:
-    """``fn(*call)`` for every call, results in call order: as Ray tasks (1 CPU each, retried,
-    at most ``workers`` in flight, see :func:`run_bounded`), or one after another in this
-    process when ``local`` (a run without Ray)."""
-    if not local:
-        import ray
-
-        return run_bounded(ray.remote(num_cpus=1, max_retries=2)(fn), calls, workers, on_result)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError("without Ray, shard runs in one process: run it first without "
-                           "torchrun (e.g. `python -m pipeline run CONFIG --no-ray --until shard`)")
-    results = []
-    for i, call in enumerate(calls):
-        results.append(fn(*call))
-        if on_result is not None:
-            on_result(i, results[-1])
-    return results
-
-
-def run_bounded(task: Any, calls: list[tuple[Any, ...]], workers: int,
-                on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
-    """Run ``task.remote(*call)`` for every call, at most ``workers`` in flight; results in call
-    order. ``on_result(i, result)`` runs on the driver as each one arrives; if it (or a task)
-    raises, the calls still in flight are cancelled before the error propagates.
-    """
-    import ray
-
-    results: dict[int, Any] = {}
-    pending: dict[Any, int] = {}
-    todo = list(range(len(calls)))
-    todo.reverse()  # pop() from the end = submit in call order
-    try:
-        while todo or pending:
-            while todo and len(pending) < workers:
-                i = todo.pop()
-                pending[task.remote(*calls[i])] = i
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                i = pending.pop(ref)
-                results[i] = ray.get(ref)
-                if on_result is not None:
-                    on_result(i, results[i])
-    finally:
-        for ref in pending:  # interrupted: no task keeps writing behind our back
-            ray.cancel(ref)
-    return [results[i] for i in range(len(calls))]
-
-
 def _run_shard_tasks(ctx: StageContext, specs: list[ShardSpec], spec: ImageSpec,
                      workers: int) -> list[dict[str, Any]]:
     """One task per shard, at most ``workers`` at a time, with a progress bar; results in spec
     order."""
-    from tqdm.auto import tqdm
-
-    fail_after = _fail_after()
-    done = {"shards": 0, "samples": 0}
-    bar = tqdm(total=len(specs), desc="shard: shards done", unit="shard",
-               disable=not ctx.cfg.progress, dynamic_ncols=True)
-
-    def on_result(i: int, result: dict[str, Any]) -> None:
-        done["shards"] += 1
-        done["samples"] += result["samples"]
-        bar.update(1)
-        ctx.tracker.log({"shard/shards_done": done["shards"],
-                         "shard/samples_done": done["samples"]}, step=done["shards"])
-        if fail_after is not None and done["shards"] >= fail_after \
-                and done["shards"] < len(specs):
-            raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: stopping after "
-                               f"{done['shards']} finalized shards (test hook)")
-
-    try:
+    with ShardProgress("shard", len(specs), ctx.tracker, ctx.cfg.progress,
+                       planned("shard")) as progress:
         return run_calls(write_shard, [(s, spec, ctx.storage) for s in specs], workers,
-                         on_result, local=ctx.local)
-    finally:
-        bar.close()
+                         lambda i, result: progress.done(result["samples"]), local=ctx.local,
+                         **_ONE_PROCESS)
 
 
 def _warm_up(source: str) -> None:
@@ -481,14 +399,14 @@ def _no_input_error(source: str, listing: Listing) -> ValueError:
     return ValueError(f"shard.source {source!r} holds no image to shard{extra}")
 
 
-def run(ctx: StageContext) -> dict[str, Any]:
+def run(ctx: StageContext) -> ShardOutputs:
     cfg: ShardConfig = ctx.cfg
     storage = ctx.storage
     seed = int(ctx.root_cfg.seed)
     source = _absolute(cfg.source)
     spec = cfg.image_spec()
 
-    workers = _worker_count(cfg, ctx.local)
+    workers = worker_count(cfg.num_workers, "shard", ctx.local)
     warming = []
     if not ctx.local:
         import ray
@@ -525,50 +443,47 @@ def run(ctx: StageContext) -> dict[str, Any]:
     remove_strays(storage, ctx.uri, (*SPLITS, *(f"{PARTS}/{s}" for s in SPLITS)), keep)
 
     fresh = [r for r in results if not r["cached"]]
-    written = sum(r["samples"] for r in fresh)
-    images_per_s = round(written / seconds, 2) if fresh and seconds > 0 else None
-    splits = {s: {"shards": sum(1 for r in results if r["split"] == s),
-                  "samples": sum(r["samples"] for r in results if r["split"] == s),
-                  "bytes": sum(r["bytes"] for r in results if r["split"] == s)} for s in SPLITS}
-    outputs = {
-        "source": cfg.source,
-        "resolution": cfg.resolution,
-        "ext": cfg.ext,
-        "seed": seed,
-        "classes": listing.classes,
-        "num_classes": len(listing.classes),
-        "shards": [{k: r[k] for k in ("split", "name", "uri", "samples", "bytes", "sha256")}
-                   for r in results],
-        "splits": splits,
-        "totals": {"inputs": len(listing.items) + len(listing.rejected), "samples": total,
-                   "skipped": len(skipped), "duplicates": len(duplicates),
-                   "ignored_files": listing.ignored_files,
-                   "bytes": sum(r["bytes"] for r in results)},
-        "skipped": dict(sorted(Counter(r["reason"] for r in skipped).items())),
-        "skipped_uri": join(ctx.uri, SKIPPED),
-        "duplicates": duplicates,
-        "shards_reused": len(results) - len(fresh),
-        "images_per_s": images_per_s,
-        "seconds": round(seconds, 3),
-    }
-    ctx.tracker.summary({"shard/samples": total, "shard/train_samples": splits["train"]["samples"],
-                         "shard/val_samples": splits["val"]["samples"],
+    speed = images_per_s(fresh, seconds)
+    splits = split_counts(results, SPLITS)
+    outputs = ShardOutputs(
+        source=cfg.source,
+        resolution=cfg.resolution,
+        ext=cfg.ext,
+        seed=seed,
+        classes=listing.classes,
+        num_classes=len(listing.classes),
+        shards=[ShardFile(**{k: r[k] for k in ("split", "name", "uri", "samples", "bytes",
+                                               "sha256")}) for r in results],
+        splits=splits,
+        totals=ShardTotals(inputs=len(listing.items) + len(listing.rejected), samples=total,
+                           skipped=len(skipped), duplicates=len(duplicates),
+                           ignored_files=listing.ignored_files,
+                           bytes=sum(r["bytes"] for r in results)),
+        skipped=dict(sorted(Counter(r["reason"] for r in skipped).items())),
+        skipped_uri=join(ctx.uri, SKIPPED),
+        duplicates=duplicates,
+        shards_reused=len(results) - len(fresh),
+        images_per_s=speed,
+        seconds=round(seconds, 3),
+    )
+    ctx.tracker.summary({"shard/samples": total, "shard/train_samples": splits["train"].samples,
+                         "shard/val_samples": splits["val"].samples,
                          "shard/skipped": len(skipped), "shard/duplicates": len(duplicates),
-                         "shard/images_per_s": images_per_s})
+                         "shard/images_per_s": speed})
     log.info("[shard] %d samples (train %d, val %d), %d skipped %s, %s images/s", total,
-             splits["train"]["samples"], splits["val"]["samples"], len(skipped),
-             outputs["skipped"], images_per_s)
+             splits["train"].samples, splits["val"].samples, len(skipped),
+             outputs.skipped, speed)
     return outputs
 
 
-def report(outputs: dict[str, Any]) -> dict[str, Any]:
+def report(outputs: ShardOutputs) -> dict[str, Any]:
     """The report's section: counts and speed."""
-    splits, totals = outputs["splits"], outputs["totals"]
+    splits, totals = outputs.splits, outputs.totals
     return {"metrics": {
-        "source": outputs["source"], "resolution (px)": outputs["resolution"],
-        "classes": outputs["num_classes"], "train samples": splits["train"]["samples"],
-        "val samples": splits["val"]["samples"], "skipped inputs": totals["skipped"],
-        "duplicates": totals["duplicates"], "images/s": outputs["images_per_s"] or "-"},
+        "source": outputs.source, "resolution (px)": outputs.resolution,
+        "classes": outputs.num_classes, "train samples": splits["train"].samples,
+        "val samples": splits["val"].samples, "skipped inputs": totals.skipped,
+        "duplicates": totals.duplicates, "images/s": outputs.images_per_s or "-"},
         "images": []}
 
 
@@ -578,5 +493,6 @@ STAGE = Stage(
     run=run,
     version=1,
     report=report,
+    outputs=ShardOutputs,
     help="source images → WebDataset train/val tar shards (Ray tasks)",
 )

@@ -17,7 +17,8 @@ writes the code shard atomically as it goes and returns the shard's stats. Why w
 not a stream of images: outputs are grouped and named per input shard and must be written
 atomically, which a per-image stream could only do by regrouping on the driver (every image
 through the object store, order bookkeeping); and the dataset has no read tasks, so an actor
-pool that takes every CPU cannot starve them (NOTES.md: the 2-core hang). Before the pool
+pool that takes every CPU cannot starve them (with read tasks, such a pool hangs a 2-CPU
+cluster: the reads wait for CPUs the actors hold). Before the pool
 starts, a placement group of its bundles checks that the cluster can host it (a clear
 ResourceError after ``actor_start_timeout_s`` instead of a silent wait); one shard in flight per
 actor balances shards over actors as they free up.
@@ -31,7 +32,8 @@ value is exactly the code vectors, see pipeline.models.quantize).
 Resume: a code shard whose sidecar matches (same input sha256, same VQGAN weights, same options,
 and the tar's size) is reused, anything else is written again; tars are byte-deterministic, so a
 killed and resumed run ends with the same bytes as a clean one. Test hook:
-``PIPELINE_TOKENIZE_FAIL_AFTER=N`` makes the driver raise once N shards were written.
+``PIPELINE_FAULT=tokenize:N`` makes the driver raise once N shards were written
+(:mod:`pipeline.faults`).
 """
 
 from __future__ import annotations
@@ -41,36 +43,56 @@ import hashlib
 import json
 import logging
 import math
-import os
 import queue
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from pipeline.config import ConfigError, no_fingerprint
 from pipeline.dag import Stage, StageContext
 from pipeline.data import codes, wds
+from pipeline.data.hashing import HashingReader, sha256_of
+from pipeline.faults import planned
+from pipeline.manifests import (
+    Export,
+    ExportRef,
+    ShardFile,
+    ShardOutputs,
+    TokenizeOutputs,
+    VQGANOutputs,
+)
+from pipeline.ray_tasks import (
+    ResourceError,
+    ShardProgress,
+    cluster_resources,
+    images_per_s,
+    require,
+    require_one_process,
+    split_counts,
+    wait_for_room,
+)
 from pipeline.storage import Storage, join, remove_strays
 
 log = logging.getLogger("pipeline")
 
-FAIL_AFTER_ENV = "PIPELINE_TOKENIZE_FAIL_AFTER"
 PARTS = "_parts"
 FORMAT = 1  # sidecar/output format; also the stage version
-_CHUNK = 1 << 20
 
 
 @dataclass
 class TokenizeConfig:
     """Config section ``tokenize`` (see README, "tokenize")."""
 
-    # Also store the codes of the horizontally flipped image ({key}.flip.npy), for augmentation.
-    flip: bool = False
+    RENAMED: ClassVar[dict[str, str]] = {"flip": "store_flipped"}
+
+    # Also store the codes of the mirrored image ({key}.flip.npy): train_transformer's
+    # use_flipped can then train on them as augmentation.
+    store_flipped: bool = False
     # Side of the center crop that is encoded; unset: the VQGAN's training resolution. Larger
     # (up to the shards' resolution) gives larger code grids, e.g. for sliding-window sampling.
     resolution: int | None = None
@@ -98,10 +120,6 @@ class TokenizeConfig:
                                                        f"{self.actor_start_timeout_s}")
 
 
-class ResourceError(RuntimeError):
-    """The cluster cannot host the encoder actors (fail now instead of hanging)."""
-
-
 # -- the export --------------------------------------------------------------------------------
 
 
@@ -117,22 +135,13 @@ class ExportInfo:
     train_vqgan_fingerprint: str
 
 
-def sha256_of(storage: Storage, uri: str) -> str:
-    """sha256 of an object, streamed (exports can be hundreds of MB)."""
-    h = hashlib.sha256()
-    with storage.open(uri, "rb") as fh:
-        while chunk := fh.read(8 * _CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_export(storage: Storage, train_vqgan: dict[str, Any]) -> ExportInfo:
-    exp = train_vqgan["outputs"]["export"]
-    text = storage.read_text(exp["config"])
-    return ExportInfo(weights=exp["weights"], config=exp["config"],
-                      weights_sha256=sha256_of(storage, exp["weights"]),
+def read_export(storage: Storage, export: Export, fingerprint: str) -> ExportInfo:
+    """The VQGAN ``export`` of the train_vqgan stage with this ``fingerprint``, hashed."""
+    text = storage.read_text(export.config)
+    return ExportInfo(weights=export.weights, config=export.config,
+                      weights_sha256=sha256_of(storage, export.weights),
                       config_sha256=hashlib.sha256(text.encode()).hexdigest(),
-                      model=json.loads(text), train_vqgan_fingerprint=train_vqgan["fingerprint"])
+                      model=json.loads(text), train_vqgan_fingerprint=fingerprint)
 
 
 def load_encoder(storage: Storage, export: ExportInfo, device: str = "cpu") -> Any:
@@ -195,8 +204,8 @@ def decoded_batches(storage: Storage, uri: str, resolution: int, batch_size: int
     labels: list[bytes | None] = []
     images: list[Any] = []
     with storage.open(uri, "rb") as fh:
-        stream = codes.HashingReader(fh)
-        for key, group in codes.iter_tar_groups(stream, uri):
+        stream = HashingReader(fh)
+        for key, group in wds.iter_tar_groups(stream, uri):
             img = augment(decode_image(image_bytes(group)), resolution, rng, flip=False,
                           random_crop=False)
             keys.append(key)
@@ -346,17 +355,17 @@ def _plain(value: Any) -> Any:
 # -- driver ------------------------------------------------------------------------------------
 
 
-def plan_tasks(stage_uri: str, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def plan_tasks(stage_uri: str, shards: list[ShardFile]) -> list[dict[str, Any]]:
     """One task per image shard: the code shard gets the same split folder and file name."""
     tasks = []
     for i, s in enumerate(shards):
-        name = s["name"]  # e.g. "train/shard-000003.tar"
+        name = s.name  # e.g. "train/shard-000003.tar"
         stem = name[:-len(".tar")] if name.endswith(".tar") else name
-        tasks.append({"index": i, "split": s["split"], "name": name,
+        tasks.append({"index": i, "split": s.split, "name": name,
                       "uri": join(stage_uri, name), "part_uri": join(stage_uri, PARTS,
                                                                      f"{stem}.json"),
-                      "source": s["uri"], "source_samples": int(s["samples"]),
-                      "source_sha256": s["sha256"]})
+                      "source": s.uri, "source_samples": s.samples,
+                      "source_sha256": s.sha256})
     return tasks
 
 
@@ -380,10 +389,8 @@ def reusable(storage: Storage, task: dict[str, Any], opts: Options) -> dict[str,
 def plan_actors(cfg: TokenizeConfig, todo: int) -> tuple[int, bool]:
     """(actors, use_gpu) for ``todo`` shards; raises ResourceError when the cluster cannot host
     them (an actor pool that cannot start waits forever instead of failing)."""
-    import ray
-
-    res = ray.cluster_resources()
-    cpus, gpus = float(res.get("CPU", 0)), int(res.get("GPU", 0))
+    res = cluster_resources()
+    cpus, gpus = res.get("CPU", 0), int(res.get("GPU", 0))
     use_gpu = gpus > 0 if cfg.use_gpu is None else cfg.use_gpu
     if use_gpu and gpus < 1:
         raise ResourceError("tokenize.use_gpu=true but the Ray cluster has no GPU")
@@ -394,57 +401,26 @@ def plan_actors(cfg: TokenizeConfig, todo: int) -> tuple[int, bool]:
     else:
         actors = max(1, int(cpus // cfg.cpus_per_actor + 1e-9))
     actors = max(1, min(actors, todo))
-    need = actors * cfg.cpus_per_actor
-    if need > cpus + 1e-9:
-        raise ResourceError(
-            f"tokenize needs {need:g} CPUs ({actors} actors × tokenize.cpus_per_actor="
-            f"{cfg.cpus_per_actor:g}) but the Ray cluster has {cpus:g}: lower tokenize.actors "
-            f"or tokenize.cpus_per_actor")
-    if use_gpu and actors > gpus:
-        raise ResourceError(f"tokenize needs {actors} GPUs (one per actor) but the Ray cluster "
-                            f"has {gpus}: lower tokenize.actors")
+    require(f"tokenize ({actors} actors × tokenize.cpus_per_actor={cfg.cpus_per_actor:g})",
+            "CPU", actors * cfg.cpus_per_actor, cpus,
+            "lower tokenize.actors or tokenize.cpus_per_actor")
+    if use_gpu:
+        require("tokenize (one GPU per actor)", "GPU", actors, gpus, "lower tokenize.actors")
     return actors, use_gpu
-
-
-def wait_for_room(actors: int, cpus_per_actor: float, use_gpu: bool, timeout_s: float) -> None:
-    """Return once the cluster can place the whole pool at once; ResourceError after
-    ``timeout_s``.
-
-    A placement group of the pool's bundles is the probe: it is placed atomically or not at
-    all, and removing it leaves nothing behind, whereas a Ray Data pool whose actors cannot
-    start waits forever (or, with ``wait_for_min_actors_s``, fails while its pending actors
-    live on as long as the error's traceback does, then start and hold the CPUs).
-    """
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    bundle = {"CPU": cpus_per_actor, **({"GPU": 1} if use_gpu else {})}
-    pg = placement_group([bundle] * actors)
-    try:
-        ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
-    finally:
-        remove_placement_group(pg)
-    if not ready:
-        raise ResourceError(
-            f"the {actors} tokenize actors ({cpus_per_actor:g} CPUs{' + 1 GPU' if use_gpu else ''}"
-            f" each) could not start within tokenize.actor_start_timeout_s={timeout_s:g}s: "
-            f"other work holds the cluster's resources; wait for it, or lower tokenize.actors "
-            f"or tokenize.cpus_per_actor")
-
-
-def _fail_after() -> int | None:
-    value = os.environ.get(FAIL_AFTER_ENV)
-    return int(value) if value else None
 
 
 def run_actors(ctx: StageContext, tasks: list[dict[str, Any]], export: ExportInfo,
                opts: Options, actors: int, use_gpu: bool) -> list[dict[str, Any]]:
     """Tokenize ``tasks`` with the actor pool; stats in task order, with a progress bar."""
     import ray
-    from tqdm.auto import tqdm
 
     cfg: TokenizeConfig = ctx.cfg
-    wait_for_room(actors, cfg.cpus_per_actor, use_gpu, cfg.actor_start_timeout_s)
+    gpu = " + 1 GPU" if use_gpu else ""
+    wait_for_room({"CPU": cfg.cpus_per_actor, **({"GPU": 1} if use_gpu else {})}, actors,
+                  cfg.actor_start_timeout_s,
+                  f"the {actors} tokenize actors ({cfg.cpus_per_actor:g} CPUs{gpu} each; "
+                  f"tokenize.actor_start_timeout_s)",
+                  "lower tokenize.actors or tokenize.cpus_per_actor")
     # One block per shard: each actor call gets exactly one shard descriptor.
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds.context.enable_progress_bars = False  # ours counts shards; Ray Data's would double it
@@ -465,23 +441,12 @@ def run_actors(ctx: StageContext, tasks: list[dict[str, Any]], export: ExportInf
         num_cpus=cfg.cpus_per_actor,
         num_gpus=1 if use_gpu else 0,
     )
-    fail_after = _fail_after()
     done: dict[int, dict[str, Any]] = {}
-    bar = tqdm(total=len(tasks), desc="tokenize: shards done", unit="shard",
-               disable=not cfg.progress, dynamic_ncols=True)
-    try:
+    with _progress(ctx, len(tasks)) as progress:
         for row in _rows(ds, actors, cfg):
             stats = json.loads(row["stats"])
             done[int(row["index"])] = stats
-            bar.update(1)
-            ctx.tracker.log({"tokenize/shards_done": len(done),
-                             "tokenize/samples_done": sum(s["samples"] for s in done.values())},
-                            step=len(done))
-            if fail_after is not None and fail_after <= len(done) < len(tasks):
-                raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: stopping after {len(done)} "
-                                   f"finalized code shards (test hook)")
-    finally:
-        bar.close()
+            progress.done(stats["samples"])
     missing = [t["name"] for t in tasks if t["index"] not in done]
     if missing:
         raise RuntimeError(f"tokenize: no result for {len(missing)} shards ({missing[:3]}…)")
@@ -498,21 +463,20 @@ def run_local(ctx: StageContext, tasks: list[dict[str, Any]], export: ExportInfo
               opts: Options, use_gpu: bool) -> list[dict[str, Any]]:
     """Tokenize ``tasks`` one after another in this process (a run without Ray): the same
     encoder set-up and per-shard function as the actors."""
-    from tqdm.auto import tqdm
-
     cfg: TokenizeConfig = ctx.cfg
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError("without Ray, tokenize runs in one process: run it without torchrun "
-                           "(e.g. `python -m pipeline run CONFIG --no-ray --only tokenize`)")
+    require_one_process("tokenize", "python -m pipeline run CONFIG --no-ray --only tokenize")
     encoder = ShardTokenizer(ctx.storage, export, opts, use_gpu,
                              threads=max(1, int(cfg.cpus_per_actor)))
     out = []
-    with tqdm(total=len(tasks), desc="tokenize: shards done", unit="shard",
-              disable=not cfg.progress, dynamic_ncols=True) as bar:
+    with _progress(ctx, len(tasks)) as progress:
         for task in tasks:
             out.append(tokenize_shard(encoder.model, task, ctx.storage, opts))
-            bar.update(1)
+            progress.done(out[-1]["samples"])
     return out
+
+
+def _progress(ctx: StageContext, total: int) -> ShardProgress:
+    return ShardProgress("tokenize", total, ctx.tracker, ctx.cfg.progress, planned("tokenize"))
 
 
 def _rows(ds: Any, actors: int, cfg: TokenizeConfig) -> Iterator[dict[str, Any]]:
@@ -542,40 +506,41 @@ def code_usage(hist: np.ndarray) -> dict[str, Any]:
             "perplexity": float(math.exp(-(p * np.log(p)).sum())) if total else 0.0}
 
 
-def check_inputs(cfg: TokenizeConfig, shard: dict[str, Any], model: dict[str, Any]
+def check_inputs(cfg: TokenizeConfig, shard_resolution: int, model: dict[str, Any]
                  ) -> tuple[int, tuple[int, int]]:
-    """(crop resolution, code grid) for these inputs; ValueError naming the key when they do not
-    fit together."""
+    """(crop resolution, code grid) for shards of ``shard_resolution`` px encoded by a VQGAN of
+    config ``model``; ValueError naming the key when they do not fit together."""
     factor = 2 ** (len(model["ch_mult"]) - 1)
     resolution = cfg.resolution or int(model["resolution"])
     if resolution % factor:
         raise ConfigError("tokenize.resolution", f"must be a multiple of the VQGAN's "
                                                  f"downsampling factor {factor}, got {resolution}")
-    if int(shard.get("resolution", resolution)) < resolution:
+    if shard_resolution < resolution:
         raise ConfigError("tokenize.resolution", f"{resolution} is larger than the shards' "
-                                                 f"images ({shard['resolution']} px)")
+                                                 f"images ({shard_resolution} px)")
     return resolution, (resolution // factor, resolution // factor)
 
 
-def run(ctx: StageContext) -> dict[str, Any]:
+def run(ctx: StageContext) -> TokenizeOutputs:
     cfg: TokenizeConfig = ctx.cfg
     storage = ctx.storage
-    shard = ctx.inputs["shard"]["outputs"]
-    if not shard["shards"]:
+    shard: ShardOutputs = ctx.input("shard")
+    if not shard.shards:
         raise ValueError("the shard stage listed no shards to tokenize")
-    export = read_export(storage, ctx.inputs["train_vqgan"])
-    resolution, grid = check_inputs(cfg, shard, export.model)
+    vqgan: VQGANOutputs = ctx.input("train_vqgan")
+    export = read_export(storage, vqgan.export, ctx.inputs["train_vqgan"]["fingerprint"])
+    resolution, grid = check_inputs(cfg, shard.resolution, export.model)
     n_embed = int(export.model["n_embed"])
     opts = Options(resolution=resolution, grid=grid, n_embed=n_embed,
-                   dtype=codes.code_dtype(n_embed).name, flip=cfg.flip,
+                   dtype=codes.code_dtype(n_embed).name, flip=cfg.store_flipped,
                    batch_size=cfg.batch_size, vqgan_sha256=export.weights_sha256)
 
-    tasks = plan_tasks(ctx.uri, shard["shards"])
+    tasks = plan_tasks(ctx.uri, shard.shards)
     with ThreadPoolExecutor(16) as pool:  # sidecar checks are small I/O-bound reads
         cached = list(pool.map(lambda t: reusable(storage, t, opts), tasks))
     todo = [t for t, c in zip(tasks, cached) if c is None]
     log.info("[tokenize] %d shards (%d already finalized), grid %s, n_embed %d, flip %s",
-             len(tasks), len(tasks) - len(todo), list(grid), n_embed, cfg.flip)
+             len(tasks), len(tasks) - len(todo), list(grid), n_embed, cfg.store_flipped)
 
     t0 = time.perf_counter()
     fresh: list[dict[str, Any]] = []
@@ -597,73 +562,68 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return outputs_of(ctx, shard, export, opts, results, fresh, seconds, actors, use_gpu)
 
 
-def outputs_of(ctx: StageContext, shard: dict[str, Any], export: ExportInfo, opts: Options,
+def outputs_of(ctx: StageContext, shard: ShardOutputs, export: ExportInfo, opts: Options,
                results: list[dict[str, Any]], fresh: list[dict[str, Any]], seconds: float,
-               actors: int, use_gpu: bool) -> dict[str, Any]:
-    """The manifest's outputs (JSON)."""
+               actors: int, use_gpu: bool) -> TokenizeOutputs:
+    """The manifest's outputs."""
     tokens_per_image = opts.grid[0] * opts.grid[1]
-    splits: dict[str, Any] = {}
+    splits = split_counts(results, sorted({r["split"] for r in results}), tokens_per_image)
     histogram: dict[str, list[int]] = {}
     usage: dict[str, Any] = {}
-    for split in sorted({r["split"] for r in results}):
-        rows = [r for r in results if r["split"] == split]
-        hist = np.sum([np.asarray(r["histogram"], dtype=np.int64) for r in rows], axis=0)
-        samples = sum(r["samples"] for r in rows)
-        splits[split] = {"shards": len(rows), "samples": samples,
-                         "tokens": samples * tokens_per_image,
-                         "bytes": sum(r["bytes"] for r in rows)}
+    for split in splits:
+        hist = np.sum([np.asarray(r["histogram"], dtype=np.int64) for r in results
+                       if r["split"] == split], axis=0)
         histogram[split] = hist.tolist()
         usage[split] = code_usage(hist)
-    written = sum(r["samples"] for r in fresh)
-    images_per_s = round(written / seconds, 2) if fresh and seconds > 0 else None
-    samples = sum(s["samples"] for s in splits.values())
-    out = {
-        "vqgan": {"train_vqgan_fingerprint": export.train_vqgan_fingerprint,
-                  "weights": export.weights, "weights_sha256": export.weights_sha256,
-                  "config": export.config, "config_sha256": export.config_sha256},
-        "resolution": opts.resolution,
-        "grid": list(opts.grid),
-        "n_embed": opts.n_embed,
-        "dtype": opts.dtype,
-        "flip": opts.flip,
-        "format": {"codes": codes.CODES, "flip": codes.FLIP if opts.flip else None,
-                   "label": codes.LABEL},
-        "classes": shard.get("classes", []),
-        "num_classes": shard.get("num_classes", 0),
-        "shards": [{k: r[k] for k in ("split", "name", "uri", "source", "samples", "bytes",
-                                      "sha256")} for r in results],
-        "splits": splits,
-        "samples": samples,
-        "tokens": samples * tokens_per_image,
-        "histogram": histogram,
-        "usage": usage,
-        "shards_reused": len(results) - len(fresh),
-        "actors": actors,
-        "device": "cuda" if use_gpu else "cpu",
-        "images_per_s": images_per_s,
-        "seconds": round(seconds, 3),
-    }
-    ctx.tracker.summary({"tokenize/samples": samples, "tokenize/tokens": out["tokens"],
-                         "tokenize/images_per_s": images_per_s,
+    speed = images_per_s(fresh, seconds)
+    samples = sum(s.samples for s in splits.values())
+    out = TokenizeOutputs(
+        vqgan=ExportRef(train_vqgan_fingerprint=export.train_vqgan_fingerprint,
+                        weights=export.weights, weights_sha256=export.weights_sha256,
+                        config=export.config, config_sha256=export.config_sha256),
+        resolution=opts.resolution,
+        grid=opts.grid,
+        n_embed=opts.n_embed,
+        dtype=opts.dtype,
+        flip=opts.flip,
+        format={"codes": codes.CODES, "flip": codes.FLIP if opts.flip else None,
+                "label": codes.LABEL},
+        classes=shard.classes,
+        num_classes=shard.num_classes,
+        shards=[ShardFile(**{k: r[k] for k in ("split", "name", "uri", "source", "samples",
+                                               "bytes", "sha256")}) for r in results],
+        splits=splits,
+        samples=samples,
+        tokens=samples * tokens_per_image,
+        histogram=histogram,
+        usage=usage,
+        shards_reused=len(results) - len(fresh),
+        actors=actors,
+        device="cuda" if use_gpu else "cpu",
+        images_per_s=speed,
+        seconds=round(seconds, 3),
+    )
+    ctx.tracker.summary({"tokenize/samples": samples, "tokenize/tokens": out.tokens,
+                         "tokenize/images_per_s": speed,
                          **{f"tokenize/{s}_usage": u["fraction"] for s, u in usage.items()},
                          **{f"tokenize/{s}_perplexity": u["perplexity"]
                             for s, u in usage.items()}})
     log.info("[tokenize] %d samples → %d tokens (grid %s), usage %s, %s images/s", samples,
-             out["tokens"], list(opts.grid),
-             {s: round(u["fraction"], 3) for s, u in usage.items()}, images_per_s)
+             out.tokens, list(opts.grid),
+             {s: round(u["fraction"], 3) for s, u in usage.items()}, speed)
     return out
 
 
-def report(outputs: dict[str, Any]) -> dict[str, Any]:
+def report(outputs: TokenizeOutputs) -> dict[str, Any]:
     """The report's section: how much was encoded, how the codebook is used."""
-    usage = outputs["usage"].get("train", {})
-    h, w = outputs["grid"]
+    usage = outputs.usage.get("train", {})
+    h, w = outputs.grid
     return {"metrics": {
-        "images": outputs["samples"], "code grid": f"{h}x{w}", "tokens": outputs["tokens"],
-        "codebook size": outputs["n_embed"],
+        "images": outputs.samples, "code grid": f"{h}x{w}", "tokens": outputs.tokens,
+        "codebook size": outputs.n_embed,
         "codes used (train)": f"{usage.get('used', 0)} ({usage.get('fraction', 0.0):.1%})",
         "code perplexity (train)": usage.get("perplexity", 0.0),
-        "images/s": outputs["images_per_s"] or "-"}, "images": []}
+        "images/s": outputs.images_per_s or "-"}, "images": []}
 
 
 STAGE = Stage(
@@ -671,6 +631,7 @@ STAGE = Stage(
     config=TokenizeConfig,
     run=run,
     report=report,
+    outputs=TokenizeOutputs,
     upstream=("shard", "train_vqgan"),
     version=FORMAT,
     help="image shards → code shards with the VQGAN encoder (Ray Data actor pool)",

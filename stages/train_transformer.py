@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline.config import ConfigError, no_fingerprint
 from pipeline.dag import Stage, StageContext
+from pipeline.manifests import Export, GPTOutputs, ShardOutputs, TokenizeOutputs, VQGANOutputs
+from pipeline.seeds import derive
 from pipeline.storage import Storage, join
 from pipeline.train.config import TrainConfig
 
@@ -46,7 +48,11 @@ class TrainTransformerConfig(TrainConfig):
     conditional: bool = True  # class-conditional when the shards have labels
     cond_drop: float = 0.1  # class dropout: enables classifier-free guidance at sampling
     activation_checkpointing: bool = False
-    flip: bool = True  # use tokenize's flipped grids as augmentation when present
+    RENAMED: ClassVar[dict[str, str]] = {"flip": "use_flipped"}
+
+    # Train on each sample's mirrored-image codes half the time, when tokenize stored them
+    # (tokenize.store_flipped); no effect otherwise.
+    use_flipped: bool = True
     shuffle_buffer: int = 1024
     eval_samples: int = 2048
     image_every: int = no_fingerprint(200)
@@ -71,8 +77,8 @@ class TrainTransformerConfig(TrainConfig):
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
 
 
-def is_complete(outputs: dict[str, Any], cfg: TrainTransformerConfig) -> bool:
-    return int(outputs.get("steps", 0)) >= cfg.steps
+def is_complete(outputs: GPTOutputs, cfg: TrainTransformerConfig) -> bool:
+    return outputs.steps >= cfg.steps
 
 
 def gpt_config(cfg: TrainTransformerConfig, data: dict[str, Any]) -> Any:
@@ -131,7 +137,7 @@ def evaluate(model: Any, storage: Storage, shards: list[str], length: int,
             if n >= limit:
                 break
             codes.append(torch.from_numpy(s.codes.astype("int64").reshape(-1)))
-            labels.append(s.label if s.label is not None else 0)
+            labels.append(s.label)
             n += 1
             if len(codes) == batch:
                 flush()
@@ -159,7 +165,7 @@ def sample_grid(model: Any, vqgan: Any, data: dict[str, Any], cfg: TrainTransfor
     was_training = model.training
     model.eval()
     codes = sample(model, n, cond, data["length"], temperature=cfg.temperature,
-                   top_k=cfg.top_k or None, seed=seed + step)
+                   top_k=cfg.top_k or None, seed=derive(seed, "preview-samples", step))
     model.train(was_training)
     h, w = data["grid"]
     with torch.no_grad():
@@ -207,13 +213,14 @@ class GPTTask:
         stream = StreamSpec(tuple(data["train"]), self.ctx.rank, self.ctx.world, spec.seed,
                             cfg.shuffle_buffer)
         for codes, labels, pos in code_batches(spec.storage, stream, cfg.micro_batch,
-                                               data["length"], position=position, flip=cfg.flip):
+                                               data["length"], position=position,
+                                               flip=cfg.use_flipped):
             yield (codes, labels), pos
 
     def step(self, batch: Any, step: int, micro: int) -> dict[str, Any]:
         if micro == 0:
             # Corruption noise is a function of (seed, rank, step): a resumed run draws the same.
-            self.gen.manual_seed(self.spec.seed * 7919 + self.ctx.rank * 104729 + step)
+            self.gen.manual_seed(derive(self.spec.seed, "code-corruption", self.ctx.rank, step))
         codes, labels = batch
         loss = _loss(self.engine, codes, labels, self.data["n_classes"], self.gen)
         self.engine.backward(loss)
@@ -293,27 +300,22 @@ def data_spec(ctx: StageContext) -> dict[str, Any]:
     """What the workers need, from upstream manifests only; code shards are validated here."""
     from pipeline.data.codes import iter_code_samples, shard_specs
 
-    tok = ctx.inputs["tokenize"]["outputs"]
-    vq = ctx.inputs["train_vqgan"]["outputs"]
-    shard = ctx.inputs["shard"]["outputs"]
-    specs = shard_specs(tok)
-    for spec in specs:  # a corrupt or truncated shard fails now, with its name
+    tok: TokenizeOutputs = ctx.input("tokenize")
+    vq: VQGANOutputs = ctx.input("train_vqgan")
+    shard: ShardOutputs = ctx.input("shard")
+    for spec in shard_specs(tok):  # a corrupt or truncated shard fails now, with its name
         for _ in iter_code_samples(ctx.storage, spec):
             pass
-    h, w = tok["grid"]
-    n_classes = int(shard.get("num_classes", 0)) if ctx.cfg.conditional else 0
-    hist = tok["histogram"]["train"] if isinstance(tok["histogram"], dict) else tok["histogram"]
-    split = {s["uri"]: s["split"] for s in tok["shards"]}
+    h, w = tok.grid
     return {
-        "train": [s.uri for s in specs if split[s.uri] == "train" and s.samples],
-        "val": [s.uri for s in specs if split[s.uri] == "val" and s.samples],
-        "n_embed": int(tok["n_embed"]), "grid": [h, w], "length": h * w,
-        "n_classes": n_classes, "classes": shard.get("classes", []),
-        "vqgan": vq["export"], "unigram_entropy": unigram_entropy(hist),
+        "train": tok.uris("train"), "val": tok.uris("val"),
+        "n_embed": tok.n_embed, "grid": [h, w], "length": h * w,
+        "n_classes": shard.num_classes if ctx.cfg.conditional else 0, "classes": shard.classes,
+        "vqgan": vq.export.to_dict(), "unigram_entropy": unigram_entropy(tok.histogram["train"]),
     }
 
 
-def run(ctx: StageContext) -> dict[str, Any]:
+def run(ctx: StageContext) -> GPTOutputs:
     from pipeline.train.launch import launch
 
     data = data_spec(ctx)
@@ -322,32 +324,33 @@ def run(ctx: StageContext) -> dict[str, Any]:
     checkpoint = launch(ctx, GPTTask, {"data": data})
     ev = ctx.storage.read_json(join(ctx.uri, "eval.json"))
     images = [u for u in ctx.storage.walk_files(join(ctx.uri, "images")) if u.endswith(".png")]
-    return {
-        "steps": ev["step"],
-        "samples_seen": ev["samples_seen"],
-        "export": {"weights": join(ctx.uri, "export", "gpt.pt"),
-                   "config": join(ctx.uri, "export", "gpt.json")},
-        "val_loss": ev["val"]["loss"],
-        "bits_per_token": ev["val"]["bits_per_token"],
-        "unigram_entropy": ev["unigram_entropy"],
-        "grid": data["grid"], "n_classes": data["n_classes"], "classes": data["classes"],
-        "images": images,
-        "checkpoint": checkpoint,
-    }
+    return GPTOutputs(
+        steps=ev["step"],
+        samples_seen=ev["samples_seen"],
+        export=Export(weights=join(ctx.uri, "export", "gpt.pt"),
+                      config=join(ctx.uri, "export", "gpt.json")),
+        val_loss=ev["val"]["loss"],
+        bits_per_token=ev["val"]["bits_per_token"],
+        unigram_entropy=ev["unigram_entropy"],
+        grid=tuple(data["grid"]), n_classes=data["n_classes"], classes=data["classes"],
+        images=images,
+        checkpoint=checkpoint,
+        vqgan=Export.from_dict(data["vqgan"]),
+    )
 
 
-def report(outputs: dict[str, Any]) -> dict[str, Any]:
+def report(outputs: GPTOutputs) -> dict[str, Any]:
     """The report's section: val loss against the context-free baseline, the last samples."""
-    images = sorted(outputs.get("images", []))
+    images = sorted(outputs.images)
     return {"metrics": {
-        "steps": outputs["steps"], "val loss (nats/code)": outputs["val_loss"],
-        "bits per code": outputs["bits_per_token"],
-        "unigram entropy of the codes (nats)": outputs["unigram_entropy"]},
+        "steps": outputs.steps, "val loss (nats/code)": outputs.val_loss,
+        "bits per code": outputs.bits_per_token,
+        "unigram entropy of the codes (nats)": outputs.unigram_entropy},
         "images": [(f"Samples during training ({images[-1].rsplit('/', 1)[-1]})", images[-1])]
         if images else []}
 
 
 STAGE = Stage("train_transformer", TrainTransformerConfig, run,
               upstream=("shard", "train_vqgan", "tokenize"), version=1, is_complete=is_complete,
-              report=report,
+              report=report, outputs=GPTOutputs,
               help="GPT over code sequences, DeepSpeed ZeRO under Ray Train")

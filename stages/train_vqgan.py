@@ -9,7 +9,8 @@ Per worker: two DeepSpeed engines (G = VQGAN, D = NLayerDiscriminator). The gene
 the adaptive weight from gradients at the decoder output (one backward, see
 pipeline.models.loss); the discriminator step reuses that step's reconstruction, and before
 ``disc_start`` no discriminator work is done at all. D's parameters are frozen during G's backward
-(NOTES.md: otherwise ZeRO-1 is silently wrong and ZeRO-2/3 assert).
+(otherwise DeepSpeed's gradient hooks see D's gradients too: ZeRO-1 is silently wrong and
+ZeRO-2/3 assert).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import io
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline.config import ConfigError, no_fingerprint
 from pipeline.dag import Stage, StageContext
+from pipeline.manifests import Export, ShardOutputs, VQGANOutputs
 from pipeline.models.discriminator import DiscriminatorConfig
 from pipeline.models.loss import VQGANLossConfig
 from pipeline.models.vqgan import CONFIG_NAME, WEIGHTS_NAME, VQGANConfig
@@ -64,7 +66,11 @@ class TrainVQGANConfig(TrainConfig):
     loss: VQGANLossConfig = field(default_factory=VQGANLossConfig)
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
-    flip: bool = True
+    RENAMED: ClassVar[dict[str, str]] = {"flip": "random_flip and random_crop"}
+
+    # Augmentation of the training images (val and eval are center crops, unflipped).
+    random_flip: bool = True  # mirror each image left-right with probability 1/2
+    random_crop: bool = True  # a random crop of model.resolution px (False: the center crop)
     shuffle_buffer: int = 256
     eval_images: int = 512
     grid_images: int = no_fingerprint(16)
@@ -83,9 +89,9 @@ class TrainVQGANConfig(TrainConfig):
                               "be >= 1")
 
 
-def is_complete(outputs: dict[str, Any], cfg: TrainVQGANConfig) -> bool:
+def is_complete(outputs: VQGANOutputs, cfg: TrainVQGANConfig) -> bool:
     """Raising ``steps`` makes a finished stage continue from its newest checkpoint."""
-    return int(outputs.get("steps", 0)) >= cfg.steps
+    return outputs.steps >= cfg.steps
 
 
 # -- worker side ----------------------------------------------------------------------------------
@@ -236,7 +242,7 @@ class VQGANTask:
                                      cfg.model.resolution))[0].to(device)
 
     def _winograd(self, model: Any) -> None:
-        from pipeline.models.winograd import enable_winograd
+        from pipeline.kernels.winograd import enable_winograd
 
         convs = enable_winograd(model) + (enable_winograd(self.lpips) if self.lpips else 0)
         if self.ctx.is_main:
@@ -251,7 +257,8 @@ class VQGANTask:
                             cfg.shuffle_buffer)
         for x, labels, pos in image_batches(spec.storage, stream, cfg.micro_batch,
                                             cfg.model.resolution, position=position,
-                                            train=cfg.flip):
+                                            random_flip=cfg.random_flip,
+                                            random_crop=cfg.random_crop):
             yield (x, labels), pos
 
     def step(self, batch: Any, step: int, micro: int) -> dict[str, Any]:
@@ -301,57 +308,56 @@ def export(module: Any, cfg: TrainVQGANConfig, lpips: Any, storage: Storage, uri
 # -- driver side ----------------------------------------------------------------------------------
 
 
-def run(ctx: StageContext) -> dict[str, Any]:
+def run(ctx: StageContext) -> VQGANOutputs:
     from pipeline.train.launch import launch
 
     cfg: TrainVQGANConfig = ctx.cfg
-    shard = ctx.inputs["shard"]["outputs"]
-    train = [s["uri"] for s in shard["shards"] if s["split"] == "train" and s["samples"] > 0]
-    val = [s["uri"] for s in shard["shards"] if s["split"] == "val" and s["samples"] > 0]
+    shard: ShardOutputs = ctx.input("shard")
+    train, val = shard.uris("train"), shard.uris("val")
     if not train:
         raise ValueError("the shard stage produced no training samples")
-    if shard.get("resolution", cfg.model.resolution) < cfg.model.resolution:
+    if shard.resolution < cfg.model.resolution:
         raise ValueError(f"train_vqgan.model.resolution={cfg.model.resolution} is larger than the "
-                         f"shards' images ({shard['resolution']} px)")
+                         f"shards' images ({shard.resolution} px)")
     if cfg.perceptual.backbone == "random" and cfg.loss.perceptual_weight > 0:
         log.warning("[train_vqgan] perceptual.backbone=random: the perceptual loss uses a RANDOM "
                     "VGG; this is not the paper's LPIPS (offline demo/test setting)")
     checkpoint = launch(ctx, VQGANTask, {"train": train, "val": val})
     ev = ctx.storage.read_json(join(ctx.uri, "eval.json"))
     images = [u for u in ctx.storage.walk_files(join(ctx.uri, "images")) if u.endswith(".png")]
-    return {
-        "steps": ev["step"],
-        "samples_seen": ev["samples_seen"],
-        "export": {"weights": join(ctx.uri, "export", WEIGHTS_NAME),
-                   "config": join(ctx.uri, "export", CONFIG_NAME)},
-        "model": cfg.model.to_dict(),
-        "latent_size": cfg.model.latent_size(),
-        "eval": ev["trained"],
-        "eval_untrained": ev["untrained"],
-        "images": images,
-        "checkpoint": checkpoint,
-        "perceptual_backbone": cfg.perceptual.backbone,
-    }
+    return VQGANOutputs(
+        steps=ev["step"],
+        samples_seen=ev["samples_seen"],
+        export=Export(weights=join(ctx.uri, "export", WEIGHTS_NAME),
+                      config=join(ctx.uri, "export", CONFIG_NAME)),
+        model=cfg.model.to_dict(),
+        latent_size=cfg.model.latent_size(),
+        eval=ev["trained"],
+        eval_untrained=ev["untrained"],
+        images=images,
+        checkpoint=checkpoint,
+        perceptual_backbone=cfg.perceptual.backbone,
+    )
 
 
-def report(outputs: dict[str, Any]) -> dict[str, Any]:
+def report(outputs: VQGANOutputs) -> dict[str, Any]:
     """The report's section: val reconstruction metrics (vs the untrained model), the last
     input | reconstruction grid."""
-    ev, ev0 = outputs["eval"], outputs.get("eval_untrained", {})
-    metrics: dict[str, Any] = {"steps": outputs["steps"]}
+    ev, ev0 = outputs.eval, outputs.eval_untrained
+    metrics: dict[str, Any] = {"steps": outputs.steps}
     for key, label in (("psnr", "val PSNR (dB)"), ("ssim", "val SSIM"), ("lpips", "val LPIPS")):
         if key in ev:
             metrics[label] = f"{ev[key]:.4g}" + (f" (untrained {ev0[key]:.4g})" if key in ev0
                                                  else "")
     metrics["codebook usage"] = f"{ev['codebook_usage']:.1%}"
     metrics["code perplexity"] = ev["perplexity"]
-    metrics["perceptual backbone"] = outputs.get("perceptual_backbone", "-")
-    recon = sorted(u for u in outputs.get("images", []) if "/recon-" in u)
+    metrics["perceptual backbone"] = outputs.perceptual_backbone
+    recon = sorted(u for u in outputs.images if "/recon-" in u)
     images = [(f"Input | reconstruction ({recon[-1].rsplit('/', 1)[-1]})", recon[-1])] \
         if recon else []
     return {"metrics": metrics, "images": images}
 
 
 STAGE = Stage("train_vqgan", TrainVQGANConfig, run, upstream=("shard",), version=1,
-              is_complete=is_complete, report=report,
+              is_complete=is_complete, report=report, outputs=VQGANOutputs,
               help="VQGAN + discriminator, DeepSpeed under Ray Train")

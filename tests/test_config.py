@@ -73,3 +73,16 @@ def test_fingerprint_view_drops_result_neutral_fields(tmp_path):
     cfg = _load(tmp_path, "run: x\n", "beta.log_every=99")
     assert fingerprint_view(cfg.beta) == {"scale": 2}
     assert fingerprint_view(cfg.alpha) == {"value": 1, "parts": 4}
+
+
+@pytest.mark.parametrize("text, overrides, key, new", [
+    ("run: ok\n", ["train_vqgan.flip=false"], "train_vqgan.flip", "random_flip and random_crop"),
+    ("tokenize:\n  flip: true\n", [], "tokenize.flip", "store_flipped"),
+    ("train_transformer:\n  flip: false\n", [], "train_transformer.flip", "use_flipped"),
+])
+def test_renamed_keys_say_what_replaced_them(tmp_path, text, overrides, key, new):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path), overrides, default_pipeline().schema)
+    assert err.value.key == key and f"it was renamed: use {new}" in str(err.value)

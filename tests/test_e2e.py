@@ -82,6 +82,45 @@ def test_sample_stage_outputs(tiny_run):
     assert any(name.startswith("samples") for name in wandb_files), wandb_files
 
 
+def test_manifests_are_typed_records(tiny_run):
+    """Every stage declares its outputs record, and the record reproduces its manifest exactly
+    (what producers wrote is what consumers read)."""
+    from pipeline.cli import default_pipeline
+
+    for stage in default_pipeline().stages.values():
+        assert stage.outputs is not None, stage.name
+        manifest = _manifest(tiny_run, stage.name)
+        record = stage.parse_outputs(manifest)
+        assert isinstance(record, stage.outputs)
+        assert record.to_dict() == manifest["outputs"], stage.name
+    gpt = _manifest(tiny_run, "train_transformer")["outputs"]
+    assert gpt["vqgan"] == _manifest(tiny_run, "train_vqgan")["outputs"]["export"]
+
+
+def test_models_of_a_manifest_written_before_the_vqgan_was_recorded(tiny_run, tmp_path):
+    """An older train_transformer manifest has no ``vqgan``: the models are still found, through
+    the DAG's folder rule and the upstream fingerprint."""
+    import shutil
+
+    from pipeline.generate import find_models
+    from pipeline.storage import Storage
+
+    copy = tmp_path / "old"
+    for folder in [*tiny_run.glob("train_transformer-*"), *tiny_run.glob("train_vqgan-*")]:
+        shutil.copytree(folder / "export", copy / folder.name / "export")
+        shutil.copy(folder / "_manifest.json", copy / folder.name / "_manifest.json")
+    [gpt_dir] = copy.glob("train_transformer-*")
+    manifest = json.loads((gpt_dir / "_manifest.json").read_text())
+    expected = find_models(Storage(), str(gpt_dir))
+    del manifest["outputs"]["vqgan"]
+    (gpt_dir / "_manifest.json").write_text(json.dumps(manifest))
+    models = find_models(Storage(), str(copy))
+    assert models == expected and models.vqgan_weights.startswith(str(copy))
+    shutil.rmtree(next(copy.glob("train_vqgan-*")))
+    with pytest.raises(FileNotFoundError, match="the VQGAN this GPT was trained on"):
+        find_models(Storage(), str(copy))
+
+
 def _sample_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline", "sample", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300)

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline import faults
 from pipeline.config import load_config
 from pipeline.dag import Pipeline, StageFailed
 from pipeline.data import builtin, wds
 from pipeline.data.sources import make_key
 from pipeline.storage import Storage, join
-from stages.shard import FAIL_AFTER_ENV, PARTS, STAGE
+from stages.shard import PARTS, STAGE
 from tests.image_fixtures import encoded, fixture_folder, gradient, write_tree
 
 RES = 32
@@ -270,10 +271,10 @@ def test_kill_and_resume_matches_a_clean_run(ray_session, any_root, tmp_path, mo
     storage = Storage(endpoint_url=endpoint)
     opts = ("shard.labels=folders", "shard.samples_per_shard=3", "shard.val_fraction=0.25")
 
-    monkeypatch.setenv(FAIL_AFTER_ENV, "2")
-    with pytest.raises(StageFailed, match=FAIL_AFTER_ENV):
+    monkeypatch.setenv(faults.ENV, "shard:2")
+    with pytest.raises(StageFailed, match=faults.ENV):
         run_shard(root, endpoint, source, *opts, "shard.num_workers=1")
-    monkeypatch.delenv(FAIL_AFTER_ENV)
+    monkeypatch.delenv(faults.ENV)
     stage_uri = storage.listdir(join(root, "t"))
     stage_uri = next(u for u in stage_uri if u.rsplit("/", 1)[-1].startswith("shard-"))
     assert not storage.exists(join(stage_uri, "_manifest.json"))

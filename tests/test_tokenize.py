@@ -23,16 +23,17 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import faults
 from pipeline.config import ConfigError, load_config
 from pipeline.dag import Pipeline, StageFailed
 from pipeline.data import codes, wds
 from pipeline.data.codes import CodeShardSpec, CorruptShardError, load_code_shard, shard_specs
 from pipeline.data.loader import eval_batches
+from pipeline.manifests import ShardOutputs
 from pipeline.models.vqgan import VQGAN
 from pipeline.storage import MANIFEST, Storage, is_temporary, join
 from stages.shard import STAGE as SHARD
 from stages.tokenize import (
-    FAIL_AFTER_ENV,
     STAGE,
     Options,
     ResourceError,
@@ -68,7 +69,7 @@ BATCH = 48  # does not divide the 256-sample shards: partial minibatches are exe
 def make_cfg(root: str, endpoint: str | None, *extra: str):
     pipe = Pipeline([SHARD, TRAIN_VQGAN, STAGE])
     args = [f"run={RUN}", f"storage.root={root}", "tracking.mode=disabled", *TINY,
-            "tokenize.flip=true", f"tokenize.batch_size={BATCH}", *extra]
+            "tokenize.store_flipped=true", f"tokenize.batch_size={BATCH}", *extra]
     if endpoint:
         args.append(f"storage.endpoint_url={endpoint}")
     return pipe, load_config(None, args, pipe.schema)
@@ -201,10 +202,10 @@ def test_kill_and_resume_matches_a_clean_run(upstream, any_root, monkeypatch):
     assert uri.rsplit("/", 1)[1] == upstream["uris"]["tokenize"].rsplit("/", 1)[1]
 
     # Killed after 2 finalized shards: no manifest, those shards stay.
-    monkeypatch.setenv(FAIL_AFTER_ENV, "2")
-    with pytest.raises(StageFailed, match=FAIL_AFTER_ENV):
+    monkeypatch.setenv(faults.ENV, "tokenize:2")
+    with pytest.raises(StageFailed, match=faults.ENV):
         pipe.run(cfg, only=["tokenize"])
-    monkeypatch.delenv(FAIL_AFTER_ENV)
+    monkeypatch.delenv(faults.ENV)
     assert storage.read_manifest(uri) is None
     assert len([f for f in storage.walk_files(uri) if f.endswith(".tar")]) >= 2
 
@@ -262,7 +263,8 @@ def test_resume_redoes_damaged_outputs(upstream, tmp_path):
 def test_reuse_needs_same_input_export_and_options(upstream):
     storage = Storage()
     m = upstream["manifests"]["tokenize"]
-    task = plan_tasks(m["uri"], upstream["manifests"]["shard"]["outputs"]["shards"])[0]
+    shard = ShardOutputs.from_dict(upstream["manifests"]["shard"]["outputs"])
+    task = plan_tasks(m["uri"], shard.shards)[0]
     opts = Options(resolution=16, grid=(8, 8), n_embed=64, dtype="uint16", flip=True,
                    batch_size=7, vqgan_sha256=m["outputs"]["vqgan"]["weights_sha256"])
     assert reusable(storage, task, opts) is not None  # batch size is not part of it
@@ -364,12 +366,12 @@ def test_config_errors_name_keys():
             load_config(None, [*TINY, bad], pipe.schema)
         assert e.value.key == key, bad
     model = {"ch_mult": [1, 2], "resolution": 16}
-    assert check_inputs(TokenizeConfig(), {"resolution": 16}, model) == (16, (8, 8))
-    assert check_inputs(TokenizeConfig(resolution=32), {"resolution": 32}, model) == (32, (16, 16))
+    assert check_inputs(TokenizeConfig(), 16, model) == (16, (8, 8))
+    assert check_inputs(TokenizeConfig(resolution=32), 32, model) == (32, (16, 16))
     with pytest.raises(ConfigError, match="multiple"):
-        check_inputs(TokenizeConfig(resolution=15), {"resolution": 16}, model)
+        check_inputs(TokenizeConfig(resolution=15), 16, model)
     with pytest.raises(ConfigError, match="larger than the shards"):
-        check_inputs(TokenizeConfig(resolution=32), {"resolution": 16}, model)
+        check_inputs(TokenizeConfig(resolution=32), 16, model)
 
 
 def test_resource_errors_instead_of_hangs(upstream, ray_session, tmp_path):
@@ -394,7 +396,7 @@ def test_resource_errors_instead_of_hangs(upstream, ray_session, tmp_path):
     try:
         root = str(tmp_path / "runs")
         pipe, cfg = make_cfg(root, None, "tokenize.actor_start_timeout_s=5",
-                             "tokenize.actors=2", "tokenize.flip=false")
+                             "tokenize.actors=2", "tokenize.store_flipped=false")
         clone_upstream(upstream, Storage(), pipe.run_uri(cfg))
         with pytest.raises(StageFailed, match="could not start within"):
             pipe.run(cfg, only=["tokenize"])

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from pipeline import faults
 from pipeline.config import load_config
 from pipeline.dag import Pipeline, StageFailed
 from pipeline.storage import Storage
@@ -53,8 +54,9 @@ def _weights(out: dict) -> dict[str, torch.Tensor]:
 def test_train_transformer_zero3(ray_session, tmp_path):
     root = str(tmp_path / "runs")
     marker = tmp_path / "crashed"
-    a = _run(root, "train_transformer.steps=40", "train_transformer.fault_step=25",
-             f"train_transformer.fault_marker={marker}")["train_transformer"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(faults.ENV, f"train_transformer:25:{marker}")
+        a = _run(root, "train_transformer.steps=40")["train_transformer"]
     res = a["outputs"]
     assert marker.exists() and res["steps"] == 40
     assert res["val_loss"] < res["unigram_entropy"] - 0.2, res

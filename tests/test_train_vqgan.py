@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from pipeline import faults
 from pipeline.config import ConfigError, load_config
 from pipeline.dag import Pipeline
 from pipeline.storage import Storage, join
@@ -62,11 +63,11 @@ def test_config_errors_name_keys():
     assert e.value.key == "train_vqgan.zero_stage"
 
 
-def test_train_vqgan_end_to_end(ray_session, s3_endpoint, s3_bucket, tmp_path):
+def test_train_vqgan_end_to_end(ray_session, s3_endpoint, s3_bucket, tmp_path, monkeypatch):
     root = f"{s3_bucket}/runs"
     marker = tmp_path / "crashed"
+    monkeypatch.setenv(faults.ENV, f"train_vqgan:25:{marker}")
     pipe, cfg = _pipe_cfg(root, s3_endpoint, "train_vqgan.steps=60",
-                          "train_vqgan.fault_step=25", f"train_vqgan.fault_marker={marker}",
                           f"tracking.dir={tmp_path / 'wandb'}")
     storage = Storage(endpoint_url=s3_endpoint)
     out = pipe.run(cfg)["train_vqgan"]

@@ -23,27 +23,21 @@ from __future__ import annotations
 
 import hashlib
 import io
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
 
+from pipeline.data import NO_LABEL
+from pipeline.data.hashing import HashingReader
+from pipeline.data.wds import CorruptShardError, iter_tar_groups
+from pipeline.manifests import TokenizeOutputs
 from pipeline.storage import Storage
 
 CODES = "codes.npy"
 FLIP = "flip.npy"
 LABEL = "cls"
-
-
-class CorruptShardError(ValueError):
-    """A shard that cannot be trusted: ``uri`` names it, ``why`` says what is wrong."""
-
-    def __init__(self, uri: str, why: str) -> None:
-        self.uri = uri
-        self.why = why
-        super().__init__(f"corrupt shard {uri}: {why}")
 
 
 def code_dtype(n_embed: int) -> np.dtype:
@@ -83,83 +77,26 @@ class CodeShardSpec:
     n_embed: int | None = None  # every code must be below it
 
 
-def shard_specs(outputs: dict[str, Any], split: str | None = None) -> list[CodeShardSpec]:
-    """The code shards listed in a tokenize manifest's ``outputs`` (one split, or all), in
-    manifest order, each with the checks its reader should make."""
-    grid = tuple(outputs["grid"])
-    return [CodeShardSpec(uri=s["uri"], samples=s["samples"], sha256=s["sha256"], grid=grid,
-                          dtype=outputs["dtype"], flip=outputs["flip"],
-                          n_embed=outputs["n_embed"])
-            for s in outputs["shards"] if split is None or s["split"] == split]
+def shard_specs(outputs: TokenizeOutputs | dict[str, Any],
+                split: str | None = None) -> list[CodeShardSpec]:
+    """The code shards listed in a tokenize stage's outputs (the record, or the manifest's
+    ``outputs`` dict; one split, or all), in manifest order, each with the checks its reader
+    should make."""
+    if isinstance(outputs, dict):
+        outputs = TokenizeOutputs.from_dict(outputs)
+    return [CodeShardSpec(uri=s.uri, samples=s.samples, sha256=s.sha256, grid=outputs.grid,
+                          dtype=outputs.dtype, flip=outputs.flip, n_embed=outputs.n_embed)
+            for s in outputs.shards if split is None or s.split == split]
 
 
 @dataclass(frozen=True)
 class CodeSample:
-    """One sample of a code shard. ``label`` is None for unlabelled data."""
+    """One sample of a code shard. ``label`` is ``NO_LABEL`` for unlabelled data."""
 
     key: str
     codes: np.ndarray  # [h, w]
-    label: int | None
+    label: int
     flip: np.ndarray | None = None  # [h, w], codes of the horizontally flipped image
-
-
-class HashingReader:
-    """A read-only file object that hashes and counts the bytes read through it."""
-
-    def __init__(self, fh: IO[bytes]) -> None:
-        self._fh = fh
-        self._sha = hashlib.sha256()
-        self.bytes = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._fh.read(n)
-        self._sha.update(data)
-        self.bytes += len(data)
-        return data
-
-    def drain(self) -> None:
-        """Read to the end (the tar reader stops before the end-of-archive padding)."""
-        while self.read(1 << 20):
-            pass
-
-    @property
-    def sha256(self) -> str:
-        return self._sha.hexdigest()
-
-
-def iter_tar_groups(fh: IO[bytes], uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {suffix: bytes})`` for each run of consecutive tar members sharing a key.
-
-    Grouping is WebDataset's: the key is a member's name up to the first dot of its basename,
-    the suffix the rest. Tar-level damage raises :class:`CorruptShardError`. A tar cut exactly
-    at a member boundary reads as a shorter valid tar: only a count or hash check catches that.
-    """
-    key: str | None = None
-    group: dict[str, bytes] = {}
-    try:
-        with tarfile.open(fileobj=fh, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                folder, _, base = member.name.rpartition("/")
-                stem, dot, suffix = base.partition(".")
-                if not dot:
-                    raise CorruptShardError(uri, f"member {member.name!r} has no extension")
-                k = f"{folder}/{stem}" if folder else stem
-                if k != key:
-                    if key is not None:
-                        yield key, group
-                    key, group = k, {}
-                if suffix in group:
-                    raise CorruptShardError(uri, f"sample {k!r} holds {suffix!r} twice")
-                data = tar.extractfile(member)
-                group[suffix] = data.read() if data is not None else b""
-                if len(group[suffix]) != member.size:
-                    raise CorruptShardError(uri, f"member {member.name!r} is truncated")
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise CorruptShardError(uri, f"unreadable tar ({type(e).__name__}: {e})") from e
-    if key is not None:
-        yield key, group
 
 
 def _grid(uri: str, key: str, suffix: str, data: bytes | None,
@@ -186,9 +123,9 @@ def _grid(uri: str, key: str, suffix: str, data: bytes | None,
     return grid
 
 
-def _label(uri: str, key: str, data: bytes | None) -> int | None:
+def _label(uri: str, key: str, data: bytes | None) -> int:
     if data is None:
-        return None
+        return NO_LABEL
     try:
         return int(data.decode("ascii"))
     except (UnicodeDecodeError, ValueError) as e:
@@ -252,7 +189,7 @@ def _check_totals(spec: CodeShardSpec, samples: int, sha256: str) -> None:
 
 @dataclass
 class CodeShard:
-    """A whole code shard in memory: ``codes`` [N, h, w], ``labels`` [N] (-1: unlabelled),
+    """A whole code shard in memory: ``codes`` [N, h, w], ``labels`` [N] (NO_LABEL: unlabelled),
     ``flip`` [N, h, w] or None."""
 
     uri: str
@@ -279,5 +216,5 @@ def load_code_shard(storage: Storage, shard: CodeShardSpec | str) -> CodeShard:
         h, w = spec.grid or (0, 0)
         codes = np.zeros((0, h, w), dtype=np.dtype(spec.dtype or np.uint16))
         flip = codes.copy() if spec.flip else None
-    labels = np.array([-1 if s.label is None else s.label for s in samples], dtype=np.int64)
+    labels = np.array([s.label for s in samples], dtype=np.int64)
     return CodeShard(spec.uri, [s.key for s in samples], codes, labels, flip)

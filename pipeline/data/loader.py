@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.data import NO_LABEL
 from pipeline.data.wds import iter_samples
+from pipeline.seeds import derive
 from pipeline.storage import Storage
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -37,7 +39,7 @@ class StreamSpec:
 def epoch_shards(spec: StreamSpec, epoch: int) -> tuple[list[str], bool]:
     """(this rank's shards for ``epoch``, whether samples must still be split by index)."""
     order = list(spec.shards)
-    random.Random(f"{spec.seed}-shards-{epoch}").shuffle(order)
+    random.Random(derive(spec.seed, "shard-order", epoch)).shuffle(order)
     if len(order) >= spec.world:
         return order[spec.rank::spec.world], False
     return order, True
@@ -46,7 +48,7 @@ def epoch_shards(spec: StreamSpec, epoch: int) -> tuple[list[str], bool]:
 def raw_epoch(storage: Storage, spec: StreamSpec, epoch: int) -> Iterator[dict[str, Any]]:
     """One epoch of this rank's undecoded samples, shuffled."""
     shards, split = epoch_shards(spec, epoch)
-    rng = random.Random(f"{spec.seed}-buffer-{epoch}-{spec.rank}")
+    rng = random.Random(derive(spec.seed, "shuffle-buffer", spec.rank, epoch))
     buffer: list[dict[str, Any]] = []
     index = 0
     for uri in shards:
@@ -102,8 +104,9 @@ def decode_image(data: bytes) -> np.ndarray:
 
 
 def label_of(sample: dict[str, Any]) -> int:
+    """A sample's class id from its ``.cls`` member; ``NO_LABEL`` without one."""
     raw = sample.get("cls")
-    return int(raw.decode() if isinstance(raw, bytes) else raw) if raw is not None else 0
+    return int(raw.decode() if isinstance(raw, bytes) else raw) if raw is not None else NO_LABEL
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
@@ -134,19 +137,23 @@ def augment(img: np.ndarray, size: int, rng: np.random.Generator, flip: bool = T
 
 
 def image_batches(storage: Storage, spec: StreamSpec, batch_size: int, size: int,
-                  position: dict[str, int] | None = None, train: bool = True,
+                  position: dict[str, int] | None = None, random_flip: bool = True,
+                  random_crop: bool = True,
                   transform: Callable[[np.ndarray], np.ndarray] | None = None,
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, int]]]:
-    """Endless ``(images [B,3,size,size] in [-1,1], labels [B], position)`` batches.
+    """Endless ``(images [B,3,size,size] in [-1,1], labels [B], position)`` batches:
+    ``size``-px crops (random, else centered) of the shards' images, mirrored at random with
+    ``random_flip``.
 
     Augmentation randomness is seeded by the sample's place in the stream, so a resumed stream
     yields the same crops and flips as an uninterrupted one.
     """
     images, labels = [], []
     for sample, pos in stream(storage, spec, position):
-        rng = np.random.default_rng([spec.seed, spec.rank, pos["epoch"], pos["index"]])
+        rng = np.random.default_rng(derive(spec.seed, "augment", spec.rank, pos["epoch"],
+                                           pos["index"]))
         img = decode_image(image_bytes(sample))
-        img = augment(img, size, rng, flip=train, random_crop=train)
+        img = augment(img, size, rng, flip=random_flip, random_crop=random_crop)
         if transform is not None:
             img = transform(img)
         images.append(to_tensor(img))
@@ -179,19 +186,20 @@ def eval_batches(storage: Storage, shards: list[str], batch_size: int, size: int
 def code_batches(storage: Storage, spec: StreamSpec, batch_size: int, length: int,
                  position: Position | None = None, flip: bool = True,
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Position]]:
-    """Endless ``(codes [B, length] long, labels [B] (-1: unlabelled), position)`` batches from
-    tokenize's code shards (``{key}.codes.npy``, optional ``{key}.flip.npy``, ``{key}.cls``).
+    """Endless ``(codes [B, length] long, labels [B] (NO_LABEL: unlabelled), position)`` batches
+    from tokenize's code shards (``{key}.codes.npy``, optional ``{key}.flip.npy``, ``{key}.cls``).
 
     With ``flip`` and a stored flipped grid, each sample uses one of the two grids at random
     (seeded by its place in the stream, so a resumed stream is identical).
     """
-    from pipeline.data.codes import CODES, FLIP, LABEL, parse_npy
+    from pipeline.data.codes import CODES, FLIP, parse_npy
 
     codes, labels = [], []
     for sample, pos in stream(storage, spec, position):
         grid = parse_npy(sample[CODES])
         if flip and FLIP in sample:
-            rng = np.random.default_rng([spec.seed, spec.rank, pos["epoch"], pos["index"], 7])
+            rng = np.random.default_rng(derive(spec.seed, "flipped-codes", spec.rank,
+                                               pos["epoch"], pos["index"]))
             if rng.random() < 0.5:
                 grid = parse_npy(sample[FLIP])
         flat = torch.from_numpy(grid.astype(np.int64).reshape(-1))
@@ -199,8 +207,7 @@ def code_batches(storage: Storage, spec: StreamSpec, batch_size: int, length: in
             raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has "
                              f"{flat.numel()} codes, expected {length}")
         codes.append(flat)
-        raw = sample.get(LABEL)
-        labels.append(int(raw.decode() if isinstance(raw, bytes) else raw) if raw else -1)
+        labels.append(label_of(sample))
         if len(codes) == batch_size:
             yield torch.stack(codes), torch.tensor(labels, dtype=torch.long), pos
             codes, labels = [], []

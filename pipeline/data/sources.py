@@ -25,14 +25,13 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.data import builtin
+from pipeline.data import NO_LABEL, builtin
 from pipeline.storage import Storage, basename, join
 
 LIST_EXTS = (".csv", ".jsonl", ".parquet")
 IMAGE_EXTS = frozenset({"jpg", "jpeg", "jpe", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm",
                         "pgm", "pbm", "pnm"})
 LABEL_MODES = ("auto", "folders", "none")
-NO_LABEL = -1
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _KEY_SLUG_CHARS = 48
 

@@ -8,10 +8,12 @@ problems. :class:`DecodeStep` computes the same function as
 ``forward_step(idx[:, None], cache, pos)[:, 0]`` with no module calls, views instead of copies,
 and one of three kernel sets (:data:`KERNELS`), chosen at construction:
 
-- ``"native"``: the C kernels of :mod:`pipeline.models.native` (8-row AVX-512 linears with bias,
-  GELU and residual epilogues over prepacked weights; cache write + one-query attention in one
-  pass over each row's keys and values). Single-threaded; the default where they load and the
-  step is built on one thread (:func:`decode_threads`).
+- ``"native"``: the C kernels of :mod:`pipeline.kernels.decode` (8-row AVX-512 linears with
+  bias, GELU and residual epilogues over prepacked weights; cache write + one-query attention in
+  one pass over each row's keys and values). This module does not import them: they are
+  installed from outside (:func:`set_native_kernels`; ``pipeline.kernels.decode.install()``)
+  and must provide :class:`NativeKernels`. Single-threaded; the default where they are
+  installed, load, and the step is built on one thread (:func:`decode_threads`).
 - ``"onednn"``: every Linear prepacked for oneDNN (``torch.ops.mkldnn._linear_pointwise``, the
   kernels ``torch.compile`` uses for frozen CPU linears) with GELU and the residual add fused;
   cache write in one copy and ``scaled_dot_product_attention``. Multi-threaded.
@@ -35,13 +37,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import native
 from .gpt import GPT, GPTConfig, KVCache
 
 # Below this many multiply-adds per step (all Linears, all rows), :func:`decode_threads` uses one
@@ -53,6 +54,26 @@ SINGLE_THREAD_MACS = 1 << 26
 KERNELS = ("native", "onednn", "aten")
 
 Linear = tuple[Any, ...]  # a Linear's weights in the kernel set's form
+
+# The native kernels' call signatures (pipeline.kernels.decode implements them):
+# (qkv [B,3C], k [B,H,max_len,D], v (same strides as k), pos, n_head, out [B,C], scratch)
+AttendFn = Callable[[Tensor, Tensor, Tensor, int, int, Tensor, Tensor], None]
+# (x [M,K] contiguous, packed weight, n_out, bias | None, residual [M,N] | None, gelu) -> y
+LinearFn = Callable[[Tensor, Tensor, int, Tensor | None, Tensor | None, bool], Tensor]
+
+
+class NativeKernels(Protocol):
+    """What the ``"native"`` set needs of :class:`pipeline.kernels.decode.Kernels`: ``attend``
+    writes k, v at ``pos`` into the cache views and attends (into ``out``); ``linear`` (None
+    without AVX-512) computes act(x W^T + b) + residual from a weight that ``pack`` laid out."""
+
+    @property
+    def attend(self) -> AttendFn: ...
+
+    @property
+    def linear(self) -> LinearFn | None: ...
+
+    def pack(self, weight: Tensor) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -95,13 +116,13 @@ def _onednn_kernels() -> _LinearKernels:
     )
 
 
-def _native_kernels(kernels: native.Kernels) -> _LinearKernels:
+def _native_kernels(kernels: NativeKernels) -> _LinearKernels:
     fn = kernels.linear
     assert fn is not None
 
     def pack(m: nn.Linear, batch: int) -> Linear:
         w, b = _weights(m)
-        return native.pack_linear(w), w.shape[0], b
+        return kernels.pack(w), w.shape[0], b
 
     return _LinearKernels(
         pack=pack,
@@ -126,10 +147,26 @@ def onednn_usable(weight: Tensor) -> bool:
     return bool(torch.equal(y, torch.full((1, 2), 2.0)))
 
 
-def native_kernels() -> native.Kernels | None:
-    """:func:`pipeline.models.native.load` where it has the linear kernel too (a seam for
-    tests)."""
-    kernels = native.load()
+# Where the "native" set comes from: a loader installed by set_native_kernels (None: no set).
+NativeLoader = Callable[[], "NativeKernels | None"]
+_native_loader: NativeLoader | None = None
+
+
+def set_native_kernels(loader: NativeLoader | None) -> NativeLoader | None:
+    """Install ``loader`` as the source of the ``"native"`` kernel set for this process (None
+    removes it) and return the previous one. ``loader()`` returns the kernels, or None where
+    they are unavailable; it is called at each :class:`DecodeStep` construction, so it should
+    cache (``pipeline.kernels.decode.install`` installs its cached ``load``)."""
+    global _native_loader
+    previous, _native_loader = _native_loader, loader
+    return previous
+
+
+def native_kernels() -> NativeKernels | None:
+    """The installed native kernels (:func:`set_native_kernels`) where they load and have the
+    linear kernel too; None otherwise, e.g. where none are installed (a seam for tests)."""
+    loader = _native_loader
+    kernels = None if loader is None else loader()
     return kernels if kernels is not None and kernels.linear is not None else None
 
 
@@ -206,12 +243,13 @@ class DecodeStep:
         self.config = c
         weight = model.tok_emb.weight
         self.kernels = choose_kernels(weight) if kernels is None else kernels
-        self._attend: native.AttendFn | None = None
+        self._attend: AttendFn | None = None
         if self.kernels == "native":
             loaded = native_kernels()
             if loaded is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
                 raise ValueError("DecodeStep: the native kernels are not available (they need "
-                                 "a C compiler, AVX-512 and a float32 model on CPU)")
+                                 "installing (pipeline.kernels.decode.install), a C compiler, "
+                                 "AVX-512 and a float32 model on CPU)")
             lk, self._attend = _native_kernels(loaded), loaded.attend
         elif self.kernels == "onednn":
             if not onednn_usable(weight):

@@ -15,6 +15,7 @@ Shapes for the f16 ImageNet config (ch 128, ch_mult (1,1,2,2,4), resolution 256)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -143,16 +144,27 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+# A faster implementation of ResnetBlock.forward for some calls: ``fast(block, x)`` returns
+# ``block(x)`` (the same function, up to float rounding), or None where it does not apply.
+BlockForward = Callable[["ResnetBlock", Tensor], "Tensor | None"]
+
+
 class ResnetBlock(nn.Module):
     """Pre-activation residual block: (GN, swish, conv3x3) x 2 plus a 1x1 shortcut if C changes.
 
     [B, c_in, H, W] -> [B, c_out, H, W]. No timestep embedding (the reference's temb_ch is 0 in
     the autoencoder), so there is no ``temb_proj``.
+
+    ``fast_forward``: a slot for a faster implementation (:data:`BlockForward`), None by default;
+    set on an instance by an accelerator (e.g. :func:`pipeline.kernels.winograd.enable_winograd`).
+    :meth:`forward` tries it first and runs its own code where it returns None. It takes the
+    block as an argument (not a bound method), so copies and pickles of the block keep working.
     """
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
+        self.fast_forward: BlockForward | None = None
         self.norm1 = group_norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.norm2 = group_norm(out_channels)
@@ -162,6 +174,10 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fast_forward is not None:
+            y = self.fast_forward(self, x)
+            if y is not None:
+                return y
         # Without autograd nothing needs the intermediates: overwrite them in place instead of
         # allocating (CPU inference, e.g. tokenizing, is allocation-bound at high resolution).
         inplace = not torch.is_grad_enabled()

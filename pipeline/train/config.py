@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from pipeline.config import ConfigError, no_fingerprint
@@ -40,9 +39,6 @@ class TrainConfig:
     max_failures: int = no_fingerprint(1)
     log_every: int = no_fingerprint(10)
     image_every: int = no_fingerprint(100)  # reconstruction / sample grids
-    # Test hooks: the last rank dies hard (os._exit) at this step once, leaving the marker file.
-    fault_step: int = no_fingerprint(-1)
-    fault_marker: str = no_fingerprint("")
 
     def due(self, step: int, every: int) -> bool:
         """Whether periodic work with period ``every`` (logging, images, checkpoints) runs after
@@ -77,13 +73,3 @@ class TrainConfig:
     @property
     def global_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.num_workers
-
-
-def crash_if_asked(cfg: TrainConfig, step: int, rank: int, world: int) -> None:
-    """The failure-recovery test hook: at ``cfg.fault_step`` the last rank dies hard
-    (``os._exit``, no cleanup, like a lost node), once: the ``fault_marker`` file it leaves
-    stops the restarted run from dying again. No-op unless both are set."""
-    if step == cfg.fault_step and rank == world - 1 and cfg.fault_marker \
-            and not os.path.exists(cfg.fault_marker):
-        open(cfg.fault_marker, "w").close()
-        os._exit(1)

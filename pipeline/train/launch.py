@@ -7,6 +7,7 @@ import contextlib
 import logging
 from typing import Any
 
+from pipeline.ray_tasks import cluster_resources, require
 from pipeline.storage import Storage, is_local, join, local_path, protocol_of
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import LoopSpec
@@ -14,10 +15,6 @@ from pipeline.train.loop import LoopSpec
 log = logging.getLogger("pipeline")
 
 CHECKPOINTS = "train"  # checkpoint folder inside the stage folder
-
-
-class ResourceError(RuntimeError):
-    """The cluster cannot host the requested workers (fail now instead of hanging)."""
 
 
 def ray_storage(uri: str, storage: Storage) -> tuple[str, Any]:
@@ -37,19 +34,14 @@ def ray_storage(uri: str, storage: Storage) -> tuple[str, Any]:
 
 
 def check_resources(tc: TrainConfig) -> None:
-    """Fail with a clear message when the workers cannot all be scheduled."""
-    import ray
-
-    total = ray.cluster_resources()
-    need_cpu = tc.num_workers * tc.cpus_per_worker
-    if total.get("CPU", 0) < need_cpu:
-        raise ResourceError(
-            f"training needs {need_cpu:g} CPUs ({tc.num_workers} workers × "
-            f"{tc.cpus_per_worker:g}) but the cluster has {total.get('CPU', 0):g}: lower "
-            f"num_workers or cpus_per_worker")
-    if tc.use_gpu and total.get("GPU", 0) < tc.num_workers:
-        raise ResourceError(f"use_gpu with {tc.num_workers} workers needs {tc.num_workers} GPUs; "
-                            f"the cluster has {total.get('GPU', 0):g}")
+    """ResourceError with the knob to turn when the workers cannot all be scheduled."""
+    total = cluster_resources()
+    require(f"training ({tc.num_workers} workers × {tc.cpus_per_worker:g} CPUs)", "CPU",
+            tc.num_workers * tc.cpus_per_worker, total.get("CPU", 0),
+            "lower num_workers or cpus_per_worker")
+    if tc.use_gpu:
+        require(f"training with use_gpu ({tc.num_workers} workers)", "GPU", tc.num_workers,
+                total.get("GPU", 0), "lower num_workers, or add GPU nodes")
 
 
 def _run_uri(stage_uri: str) -> str:
@@ -140,7 +132,9 @@ def fit_local(spec: LoopSpec) -> str | None:
 def launch(ctx: Any, task: type, args: dict[str, Any]) -> str | None:
     """Train a stage's ``task`` from its StageContext: on Ray Train, or in this process when the
     pipeline runs without Ray (``ctx.local``). Returns the newest checkpoint's URI."""
+    from pipeline.faults import planned
+
     spec = LoopSpec(task=task, cfg=ctx.cfg, storage=ctx.storage, uri=ctx.uri,
                     seed=int(ctx.root_cfg.seed), args=args, tracker=ctx.tracker_spec,
-                    stage=ctx.name)
+                    stage=ctx.name, fault=planned(ctx.name))
     return fit_local(spec) if ctx.local else fit(spec)

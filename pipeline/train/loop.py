@@ -8,8 +8,8 @@ exports + evaluates at the end. The loop owns everything the trainers would othe
 - restore from the newest checkpoint (:mod:`pipeline.train.checkpoint`), and per-rank seeding
   of a fresh run;
 - the step loop: learning rate, gradient accumulation, moving each batch to the device (the
-  only place that does), ``TrainState.advance``, the fault hook, logging cadence (tracker,
-  ``history.jsonl``, ``progress.json``), images, checkpoints;
+  only place that does), ``TrainState.advance``, the fault hook (:mod:`pipeline.faults`),
+  logging cadence (tracker, ``history.jsonl``, ``progress.json``), images, checkpoints;
 - the final export, then the tracker's end.
 
 It does not need Ray: :func:`pipeline.train.launch.fit` runs it on Ray Train workers,
@@ -27,11 +27,13 @@ from typing import Any, Protocol
 
 import torch
 
+from pipeline.faults import Fault, die_if_due
 from pipeline.progress import progress_uri, record
+from pipeline.seeds import derive
 from pipeline.storage import Storage, join
 from pipeline.tracking import NullTracker, Tracker, TrackerSpec
 from pipeline.train.checkpoint import Checkpoints
-from pipeline.train.config import TrainConfig, crash_if_asked
+from pipeline.train.config import TrainConfig
 from pipeline.train.context import TrainContext, prepare_device, to_device
 from pipeline.train.engine import set_lr
 from pipeline.train.history import MetricsLog
@@ -60,6 +62,7 @@ class LoopSpec:
     tracker: TrackerSpec | None = None
     stage: str = "train"
     log_uri: str | None = None  # where workers' output goes (pipeline.logs); None: stays put
+    fault: Fault | None = None  # test-only (pipeline.faults): a rank dies after this step
 
 
 class Task(Protocol):
@@ -127,7 +130,8 @@ def run(spec: LoopSpec, ctx: TrainContext, checkpoints: Checkpoints) -> LoopResu
     resumed = checkpoints.restore(task.engines)
     if resumed is None:
         state = TrainState()
-        torch.manual_seed(spec.seed * 1000 + ctx.rank)  # per-rank randomness (dropout, restarts)
+        # per-rank randomness (dropout, restarts)
+        torch.manual_seed(derive(spec.seed, "rank", ctx.rank))
     else:
         state = TrainState.from_json(resumed.to_json())
         log.info("rank %d resumed at step %d", ctx.rank, state.step)
@@ -146,7 +150,7 @@ def run(spec: LoopSpec, ctx: TrainContext, checkpoints: Checkpoints) -> LoopResu
             scalars = task.step(to_device(batch, ctx.device), state.step, micro)
             _accumulate(sums, scalars, 1.0 / cfg.grad_accum)
         state.advance(cfg.global_batch, position)
-        crash_if_asked(cfg, state.step, ctx.rank, ctx.world)
+        die_if_due(spec.fault, state.step, ctx.rank, ctx.world)
         logs: dict[str, float] | None = None
         if cfg.due(state.step, cfg.log_every):
             logs = {k: float(v) for k, v in sums.items()}

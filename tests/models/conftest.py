@@ -5,21 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.models import VQGANConfig, native
+from pipeline.kernels import build
+from pipeline.models import VQGANConfig
 
 
 def require_kernels(kernels, what: str):
     """``kernels`` if they built; else skip where this machine cannot have them (no C compiler,
     no AVX-512, a probe that could not run: an instruction the CPU lacks or a noexec temporary
     directory), and fail where it could (compile errors, a failed self-test): those are bugs.
-    The message carries :func:`native.build_failures` so a CI log shows why."""
+    The message carries :func:`build.build_failures` so a CI log shows why."""
     if kernels is not None:
         return kernels
-    if native.compiler() is None:
+    if build.compiler() is None:
         pytest.skip("no C compiler")
-    if "avx512f" not in native.cpu_flags():
+    if "avx512f" not in build.cpu_flags():
         pytest.skip(f"{what}: this CPU has no AVX-512 (kernels need it)")
-    reasons = native.build_failures(what)
+    reasons = build.build_failures(what)
     if reasons and all("] probe:" in r or r.startswith("tempdir:") for r in reasons):
         pytest.skip(f"{what}: built code cannot run here: {reasons[-1]}")
     pytest.fail(f"{what} kernels did not build on an AVX-512 CPU with a C compiler: {reasons}")

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.models import native as native_kernels_mod
+from pipeline.kernels import build
+from pipeline.kernels import decode as native_kernels_mod
 from pipeline.models.decode import (
     KERNELS,
     SINGLE_THREAD_MACS,
@@ -17,13 +18,24 @@ from pipeline.models.decode import (
     native_kernels,
     one_token_step,
     onednn_usable,
+    set_native_kernels,
     step_macs,
 )
 from pipeline.models.gpt import GPT, GPTConfig
 
 from .conftest import require_kernels
 
-pytestmark = pytest.mark.usefixtures("one_thread_module")
+pytestmark = pytest.mark.usefixtures("one_thread_module", "native_installed")
+
+
+@pytest.fixture(scope="module")
+def native_installed():
+    """The C kernels installed as the decoder's "native" set, as a sampling entry point does
+    (the previous loader is restored after the module)."""
+    previous = set_native_kernels(None)
+    native_kernels_mod.install()
+    yield
+    set_native_kernels(previous)
 
 
 def model_for(**overrides) -> GPT:
@@ -47,7 +59,7 @@ def test_decode_step_matches_forward_step(kernels, bias, batch):
         pytest.skip("oneDNN packed linears unavailable")
     if kernels == "native" and native_kernels() is None:
         require_kernels(native_kernels_mod.load(), "native decoding")  # skips, or fails with why
-        assert "avx512f" not in native_kernels_mod.cpu_flags(), "no linear kernel on AVX-512"
+        assert "avx512f" not in build.cpu_flags(), "no linear kernel on AVX-512"
         pytest.skip("the native linear kernel needs AVX-512")
     decode = DecodeStep(model, batch=4, kernels=kernels)  # packed for 4 rows, run on others
     assert decode.kernels == kernels
@@ -92,7 +104,7 @@ def test_native_kernels_match_torch_and_can_be_disabled(monkeypatch):
                         native_kernels_mod.reference_linear(x, w, bias, res, gelu),
                         rtol=1e-5, atol=1e-5)
     native_kernels_mod.load.cache_clear()
-    monkeypatch.setenv(native_kernels_mod.ENV_DISABLE, "0")
+    monkeypatch.setenv(build.ENV_DISABLE, "0")
     try:
         assert native_kernels_mod.load() is None
         assert choose_kernels(torch.zeros(1)) != "native"
@@ -100,6 +112,17 @@ def test_native_kernels_match_torch_and_can_be_disabled(monkeypatch):
             DecodeStep(model_for(), 2, kernels="native")
     finally:
         native_kernels_mod.load.cache_clear()
+
+
+def test_without_installed_kernels_there_is_no_native_set():
+    previous = set_native_kernels(None)  # pipeline.models never imports pipeline.kernels itself
+    try:
+        assert native_kernels() is None
+        assert choose_kernels(torch.zeros(1)) != "native"
+        with pytest.raises(ValueError, match="install"):
+            DecodeStep(model_for(), 2, kernels="native")
+    finally:
+        set_native_kernels(previous)
 
 
 def test_default_kernels_follow_the_thread_count():

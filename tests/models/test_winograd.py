@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 
@@ -11,18 +12,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models import VQGAN, VQGANConfig
-from pipeline.models.winograd import (
+from pipeline.kernels import build
+from pipeline.kernels.winograd import (
     Kernels,
     WinogradConv2d,
     disable_winograd,
     eligible,
     enable_winograd,
+    fusable,
+    fused_forward,
     load,
     weight_grad_from_domain,
     weight_transform,
     winograd_conv2d,
 )
+from pipeline.models import VQGAN, VQGANConfig
 
 from .conftest import require_kernels
 
@@ -180,7 +184,7 @@ def test_direct_path_where_winograd_does_not_pay_or_apply(kernels):
 
 def test_disabled_by_environment_leaves_models_alone():
     code = ("import torch.nn as nn\n"
-            "from pipeline.models.winograd import enable_winograd, load\n"
+            "from pipeline.kernels.winograd import enable_winograd, load\n"
             "m = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1))\n"
             "print(load() is None, enable_winograd(m), type(m[0]).__name__)\n")
     env = {**os.environ, "TAMING_NATIVE_KERNELS": "0"}
@@ -190,22 +194,20 @@ def test_disabled_by_environment_leaves_models_alone():
 
 
 def test_built_kernels_are_cached_between_processes(tmp_path, monkeypatch):
-    from pipeline.models import native
-
-    cc = native.compiler()
+    cc = build.compiler()
     if cc is None:
         pytest.skip("no C compiler")
-    monkeypatch.setenv(native.KERNEL_CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(build.KERNEL_CACHE_ENV, str(tmp_path / "cache"))
     source = ("int twice(int x) { return 2 * x; }\n"
               "#ifdef NATIVE_PROBE\nint main(void) { return twice(0); }\n#endif\n")
     flags = ["-O2", "-shared", "-fPIC"]
-    lib = native.build_library(cc, flags, str(tmp_path), "k", source)
+    lib = build.build_library(cc, flags, str(tmp_path), "k", source)
     assert lib is not None and lib.twice(21) == 42
     assert len(list((tmp_path / "cache").glob("*.so"))) == 1
     # A second build of the same source and flags loads the cached library: no compiler runs.
-    again = native.build_library("/nonexistent/cc", flags, str(tmp_path / "none"), "k", source)
+    again = build.build_library("/nonexistent/cc", flags, str(tmp_path / "none"), "k", source)
     assert again is None  # the compiler is part of the key: a different one rebuilds (and fails)
-    again = native.build_library(cc, flags, str(tmp_path / "none"), "k", source)
+    again = build.build_library(cc, flags, str(tmp_path / "none"), "k", source)
     assert again is not None and again.twice(4) == 8
 
 
@@ -234,25 +236,40 @@ def test_group_norm_prologue_matches_group_norm_then_conv(kernels, silu):
 @pytest.mark.parametrize("c_in,c_out", [(32, 32), (32, 64)])
 def test_fused_resnet_block_matches_the_plain_block(kernels, c_in, c_out):
     from pipeline.models.vqgan import ResnetBlock
-    from pipeline.models.winograd import FusedResnetBlock
 
     torch.manual_seed(0)
     block = ResnetBlock(c_in, c_out).eval()
     plain = ResnetBlock(c_in, c_out).eval()
     plain.load_state_dict(block.state_dict())
     enable_winograd(block)
-    assert type(block) is FusedResnetBlock
+    assert type(block) is ResnetBlock and block.fast_forward is fused_forward
+    assert pickle.loads(pickle.dumps(block)).fast_forward is fused_forward  # Ray ships models
     x = torch.randn(2, c_in, 17, 12).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        assert block._fusable(x) and not block._fusable(x.contiguous())
+        assert fusable(block, x) and not fusable(block, x.contiguous())
         fused, want = block(x), plain(x)
         assert _rel_err(fused, want.double()) < 5e-5
         # NCHW: not fused (the block's own forward, still through the Winograd layers)
         assert _rel_err(block(x.contiguous()), want.double()) < 5e-5
     # with autograd: the block's own forward, so gradients flow
     xg = x.clone().requires_grad_()
-    assert not block._fusable(xg)
+    assert not fusable(block, xg)
     block(xg).sum().backward()
     assert xg.grad is not None and block.conv1.weight.grad is not None
     disable_winograd(block)
-    assert type(block) is ResnetBlock
+    assert type(block) is ResnetBlock and block.fast_forward is None
+
+
+def test_resnet_block_fast_forward_slot_falls_back_when_it_declines():
+    from pipeline.models.vqgan import ResnetBlock
+
+    torch.manual_seed(0)
+    block = ResnetBlock(32, 64).eval()
+    x = torch.randn(1, 32, 8, 8)
+    with torch.no_grad():
+        want = block(x)
+        calls = []
+        block.fast_forward = lambda b, t: calls.append(b) or None  # declines: own forward
+        assert torch.equal(block(x), want) and calls == [block]
+        block.fast_forward = lambda b, t: torch.zeros(1)  # takes the call
+        assert torch.equal(block(x), torch.zeros(1))

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from pipeline.faults import Fault
 from pipeline.storage import Storage
 from pipeline.train import launch
 from pipeline.train.config import TrainConfig
@@ -73,9 +74,12 @@ def test_ray_resume_raise_steps_and_crash_recovery(ray_session, tmp_path):
 
     # Raise steps to 8 on the finished run: it continues from the step-4 checkpoint. A worker
     # then dies hard at step 7; Ray restarts the group from the newest registered checkpoint
-    # (step 6, or step 4 when the crash beat step 6's registration: NOTES.md).
+    # (step 6, or step 4 when the crash beat step 6's registration: a hard crash can leave the
+    # newest checkpoint uploaded but not yet registered).
     marker = tmp_path / "crashed"
-    launch.fit(_spec(uri, storage, out, 8, 2, fault_step=7, fault_marker=str(marker)))
+    spec = _spec(uri, storage, out, 8, 2)
+    spec.fault = Fault("linear", 7, str(marker))
+    launch.fit(spec)
     w8 = torch.load(out)
     assert marker.exists(), "the crash hook must have fired"
     assert w8["start_index"] in (8, 12), "resumed at step 4 or 6 (2 micro-batches per step)"
