@@ -2,15 +2,18 @@
 # torch is pinned here, not in pyproject: the CPU wheel 2.13.0 must be installed before anything
 # that depends on torch, or pip resolves a multi-GB CUDA build.
 # Every other version comes from cluster/constraints.txt (exact pins, written by `make lock`), so
-# two installs a month apart get the same packages. `make install CONSTRAINTS=` skips it and
-# installs from pyproject.toml's ranges alone (e.g. on a Python other than the lock's 3.11).
+# two installs a month apart get the same packages. The lock holds for the Python it was made
+# with (LOCK_PYTHON); on another one, and with `make install CONSTRAINTS=`, pip resolves
+# pyproject.toml's ranges alone.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
 LOCK := cluster/constraints.txt
-CONSTRAINTS ?= $(LOCK)
+LOCK_PYTHON := 3.11
+PYTHON_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+CONSTRAINTS ?= $(if $(filter $(LOCK_PYTHON),$(PYTHON_VERSION)),$(LOCK))
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 # Reinstall when pyproject.toml, the constraints file or the torch pin changes.
 STAMP := $(VENV)/.installed-$(shell (echo '$(TORCH_PIN)'; cat pyproject.toml $(CONSTRAINTS) 2>/dev/null) | sha256sum | cut -c1-12)
@@ -22,6 +25,7 @@ $(PY):
 	$(PIP) install --quiet --upgrade pip
 
 $(STAMP): $(PY) pyproject.toml $(CONSTRAINTS)
+	@$(if $(CONSTRAINTS),,echo "make install: Python $(PYTHON_VERSION), not the lock's $(LOCK_PYTHON): installing from pyproject.toml's ranges")
 	$(PIP) install --quiet $(PIP_C) $(TORCH_PIN)
 	$(PIP) install --quiet $(PIP_C) -e '.[dev]'
 	rm -f $(VENV)/.installed-*

@@ -47,10 +47,12 @@ import time  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.dag import Pipeline, StageContext  # noqa: E402
+from pipeline.manifests import Export, VQGANOutputs  # noqa: E402
 from pipeline.storage import Storage, join  # noqa: E402
 from stages.shard import STAGE as SHARD  # noqa: E402
 from stages.tokenize import TokenizeConfig  # noqa: E402
 from stages.tokenize import run as tokenize_run  # noqa: E402
+from stages.train_vqgan import STAGE as VQGAN_STAGE  # noqa: E402
 
 TARGET_RATIO = 0.9  # the target for stage images/s over bare-encoder images/s
 
@@ -86,16 +88,20 @@ def write_export(storage: Storage, root: str, config: dict) -> dict:
     folder = join(root, "bench", "train_vqgan-random", "export")
     storage.write_bytes(join(folder, "vqgan.pt"), model.state_bytes())
     storage.write_text(join(folder, "vqgan.json"), model.config_json())
-    return {"fingerprint": "random-init", "outputs": {"export": {
-        "weights": join(folder, "vqgan.pt"), "config": join(folder, "vqgan.json")}}}
+    outputs = VQGANOutputs(steps=0, samples_seen=0,
+                           export=Export(join(folder, "vqgan.pt"), join(folder, "vqgan.json")),
+                           model=config,
+                           latent_size=VQGANConfig.from_dict(config).latent_size(), eval={})
+    return {"fingerprint": "random-init", "outputs": outputs.to_dict()}
 
 
 def stage_run(storage: Storage, root: str, name: str, shard: dict, train_vqgan: dict,
               cfg: TokenizeConfig) -> dict:
     ctx = StageContext(name="tokenize", fingerprint=name, uri=join(root, "bench", name),
                        cfg=cfg, root_cfg=None, storage=storage,
-                       inputs={"shard": shard, "train_vqgan": train_vqgan})
-    return tokenize_run(ctx)
+                       inputs={"shard": shard, "train_vqgan": train_vqgan},
+                       upstream_stages={"shard": SHARD, "train_vqgan": VQGAN_STAGE})
+    return tokenize_run(ctx).to_dict()
 
 
 def bare_encoder(storage: Storage, shard: dict, config: dict, weights: str,

@@ -68,6 +68,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from pipeline.kernels.perf import tune_cpu_allocator  # noqa: E402
 from pipeline.kernels.winograd import DEFAULT_MIN_SIZE, enable_winograd  # noqa: E402
 from pipeline.models import (  # noqa: E402
     LPIPS,
@@ -80,7 +81,6 @@ from pipeline.models import (  # noqa: E402
     reconstruction_loss,
     set_requires_grad,
 )
-from pipeline.models.perf import tune_cpu_allocator  # noqa: E402
 
 BENCH_CONFIG = VQGANConfig(
     resolution=64, ch=64, ch_mult=[1, 1, 2, 2], num_res_blocks=1, attn_resolutions=[8],
@@ -240,7 +240,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="alternating timing rounds (ours, reference-style); the best counts")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference-style step")
     ap.add_argument("--no-tune-allocator", action="store_true",
-                    help="keep glibc's default mmap thresholds (see pipeline.models.perf)")
+                    help="keep glibc's default mmap thresholds (see pipeline.kernels.perf)")
     ap.add_argument("--stage-steps", type=int, default=30, help="train_vqgan stage steps")
     ap.add_argument("--stage-log-every", type=int, default=5,
                     help="stage steps per images/s record in history.jsonl")

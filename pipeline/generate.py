@@ -201,8 +201,10 @@ def generate(
     images."""
     from tqdm.auto import tqdm
 
+    from pipeline.kernels import decode as native_decode
     from pipeline.models.sampling import sample, sample_sliding
 
+    native_decode.install()  # the C one-token kernels as the samplers' "native" set, where built
     options.check()
     grid = grid or window
     if labels is not None and len(labels) != n:

@@ -155,9 +155,11 @@ def sample_grid(model: Any, vqgan: Any, data: dict[str, Any], cfg: TrainTransfor
     ``vqgan`` (same device) to one uint8 grid image."""
     import torch
 
+    from pipeline.kernels import decode as native_decode
     from pipeline.metrics import grid, to_uint8, upscale
     from pipeline.models.sampling import sample
 
+    native_decode.install()  # the C one-token kernels as the samplers' "native" set, where built
     device = next(model.parameters()).device
     n_classes, per = data["n_classes"], cfg.samples_per_class
     cond = torch.arange(n_classes, device=device).repeat_interleave(per) if n_classes else None

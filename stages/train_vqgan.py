@@ -75,7 +75,7 @@ class TrainVQGANConfig(TrainConfig):
     eval_images: int = 512
     grid_images: int = no_fingerprint(16)
     # fp32 on CPU: the VQGAN's and the LPIPS VGG's 3x3 convolutions by Winograd F(4x4, 3x3),
-    # ~1.45x faster steps (pipeline.models.winograd); results differ from oneDNN's direct
+    # ~1.45x faster steps (pipeline.kernels.winograd); results differ from oneDNN's direct
     # convolution by ~1e-6 relative. Ignored on GPU and in bf16.
     winograd: bool = no_fingerprint(True)
 
