@@ -60,9 +60,12 @@ class Record:
     """Base of the output records: dataclasses with a JSON form."""
 
     STAGE: ClassVar[str] = ""  # the stage that writes it (for error messages)
+    # Optional fields left out of the JSON while None (kinds of record that lack them).
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if not (f.name in self.OMIT_IF_NONE and getattr(self, f.name) is None)}
 
     @classmethod
     def from_dict(cls: type[R], data: dict[str, Any], where: str = "", stage: str = "") -> R:
@@ -97,21 +100,19 @@ class Export(Record):
 class SplitCounts(Record):
     """What one split (train / val) holds."""
 
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("tokens",)
+
     shards: int
     samples: int
     bytes: int
     tokens: int | None = None  # code shards only
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        if self.tokens is None:
-            del out["tokens"]
-        return out
-
 
 @dataclass(frozen=True)
 class ShardFile(Record):
     """One finalized tar shard."""
+
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("source",)
 
     split: str
     name: str
@@ -120,12 +121,6 @@ class ShardFile(Record):
     bytes: int
     sha256: str
     source: str | None = None  # code shards: the image shard it was encoded from
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        if self.source is None:
-            del out["source"]
-        return out
 
 
 def _uris(shards: list[ShardFile], split: str) -> list[str]:
