@@ -209,11 +209,11 @@ class GPTTask:
         self.gen = torch.Generator(device=ctx.device)
 
     def batches(self, position: Any) -> Any:
-        from pipeline.data.loader import StreamSpec, code_batches
+        from pipeline.data.loader import code_batches, stream_spec
 
         cfg, spec, data = self.cfg, self.spec, self.data
-        stream = StreamSpec(tuple(data["train"]), self.ctx.rank, self.ctx.world, spec.seed,
-                            cfg.shuffle_buffer)
+        stream = stream_spec(data["train"], self.ctx.rank, self.ctx.world, spec.seed,
+                             cfg.shuffle_buffer, cfg.data_streams, position)
         for codes, labels, pos in code_batches(spec.storage, stream, cfg.micro_batch,
                                                data["length"], position=position,
                                                flip=cfg.use_flipped):

@@ -250,11 +250,11 @@ class VQGANTask:
                      "" if convs else " (kernels unavailable here: direct convolutions)")
 
     def batches(self, position: Any) -> Any:
-        from pipeline.data.loader import StreamSpec, image_batches
+        from pipeline.data.loader import image_batches, stream_spec
 
         cfg, spec = self.cfg, self.spec
-        stream = StreamSpec(tuple(spec.args["train"]), self.ctx.rank, self.ctx.world, spec.seed,
-                            cfg.shuffle_buffer)
+        stream = stream_spec(spec.args["train"], self.ctx.rank, self.ctx.world, spec.seed,
+                             cfg.shuffle_buffer, cfg.data_streams, position)
         for x, labels, pos in image_batches(spec.storage, stream, cfg.micro_batch,
                                             cfg.model.resolution, position=position,
                                             random_flip=cfg.random_flip,

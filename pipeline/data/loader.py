@@ -1,16 +1,28 @@
-"""Endless, resumable training streams over WebDataset shards, split by rank.
+"""Endless, resumable training streams over WebDataset shards, independent of the worker count.
 
-Every epoch reorders the shards with a seeded permutation. With at least as many shards as ranks,
-rank r reads every world-th shard of that order; with fewer, every rank reads all of them and
-keeps every world-th sample, so no rank ever starves. A seeded shuffle buffer then mixes samples.
-Samples stay undecoded until they leave the buffer, so resuming at ``position`` re-reads and
-skips cheaply: the stream is a pure function of (shards, seed, rank, world), and a position
-``{"epoch": e, "index": i}`` names exactly where the next sample comes from.
+The data is split into ``streams`` fixed partitions (``P``), not into ranks, so a run can resume
+on another number of workers and read exactly what an unchanged run would:
+
+- **Partitions.** Every partition epoch reorders the shards with a seeded permutation;
+  partition ``p`` reads shards ``p, p+P, p+2P, …`` of that order. With fewer shards than
+  partitions, the partitions sharing a shard split its samples by index. Each partition has its
+  own seeded shuffle buffer (``ceil(shuffle_buffer / P)`` samples) and its own epoch counter.
+- **The global sequence.** Global sample ``n`` is partition ``n mod P``'s next sample.
+- **Ranks.** Rank ``r`` of ``W`` takes the global samples ``n ≡ r (mod W)``, so it reads only
+  the partitions ``p ≡ r (mod W)``, in turn (hence ``P`` must be a multiple of ``W``). The
+  samples of one global step are the same set at any ``W`` that divides ``P``.
+
+Samples stay undecoded until they leave the buffer, so resuming re-reads and skips cheaply. A
+rank's position (:class:`Stream.position`) holds ``streams``, ``next`` (global samples consumed
+by all ranks, in lockstep) and its partitions' ``{"epoch", "index"}``;
+:func:`merge_positions` joins every rank's into one that any world size resumes from.
+Per-sample randomness (crops, flips) is seeded by the sample's partition place, never the rank.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,66 +37,165 @@ from pipeline.seeds import derive
 from pipeline.storage import Storage
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+DEFAULT_STREAMS = 12  # divisible by 1, 2, 3, 4, 6 and 12 workers
+
+Position = dict[str, Any]  # see the module docstring
+SampleKey = tuple[int, int, int]  # (partition, its epoch, index in that epoch): seeds per-sample
+
+
+def stream_count(requested: int, world: int) -> int:
+    """The number of partitions for a fresh run on ``world`` workers: ``requested``, or with 0
+    the least common multiple of 12 and ``world`` (so the run can later move to any count that
+    divides 12 or ``world``)."""
+    if requested < 0:
+        raise ValueError(f"data_streams must be >= 0 (0: automatic), got {requested}")
+    return requested or math.lcm(DEFAULT_STREAMS, world)
 
 
 @dataclass(frozen=True)
 class StreamSpec:
+    """One rank's view of the training data: ``shards`` split into ``streams`` partitions, of
+    which rank ``rank`` of ``world`` reads every world-th."""
+
     shards: tuple[str, ...]
     rank: int = 0
     world: int = 1
     seed: int = 0
     shuffle_buffer: int = 256
+    streams: int = 1
+
+    def __post_init__(self) -> None:
+        if self.streams % self.world:
+            raise ValueError(
+                f"{self.world} workers cannot split {self.streams} data streams evenly: this "
+                f"run's data is cut into {self.streams} partitions (train.data_streams, fixed "
+                f"at its first step); use a worker count that divides {self.streams}")
+
+    @property
+    def mine(self) -> range:
+        """The partitions this rank reads, in the order it takes samples from them."""
+        return range(self.rank, self.streams, self.world)
 
 
-def epoch_shards(spec: StreamSpec, epoch: int) -> tuple[list[str], bool]:
-    """(this rank's shards for ``epoch``, whether samples must still be split by index)."""
+def partition_shards(spec: StreamSpec, part: int, epoch: int) -> tuple[list[str], int, int]:
+    """``(shards, share, slot)`` of partition ``part`` in its ``epoch``: it reads ``shards`` and
+    keeps the samples whose index ``i`` has ``i % share == slot`` (share 1: all of them)."""
     order = list(spec.shards)
     random.Random(derive(spec.seed, "shard-order", epoch)).shuffle(order)
-    if len(order) >= spec.world:
-        return order[spec.rank::spec.world], False
-    return order, True
+    if len(order) >= spec.streams:
+        return order[part::spec.streams], 1, 0
+    sharing = list(range(part % len(order), spec.streams, len(order)))
+    return [order[part % len(order)]], len(sharing), sharing.index(part)
 
 
-def raw_epoch(storage: Storage, spec: StreamSpec, epoch: int) -> Iterator[dict[str, Any]]:
-    """One epoch of this rank's undecoded samples, shuffled."""
-    shards, split = epoch_shards(spec, epoch)
-    rng = random.Random(derive(spec.seed, "shuffle-buffer", spec.rank, epoch))
+def raw_partition_epoch(storage: Storage, spec: StreamSpec, part: int,
+                        epoch: int) -> Iterator[dict[str, Any]]:
+    """One epoch of partition ``part``'s undecoded samples, shuffled."""
+    shards, share, slot = partition_shards(spec, part, epoch)
+    rng = random.Random(derive(spec.seed, "shuffle-buffer", part, epoch))
+    size = max(1, -(-spec.shuffle_buffer // spec.streams))
     buffer: list[dict[str, Any]] = []
     index = 0
     for uri in shards:
         for sample in iter_samples(storage, uri):
             index += 1
-            if split and (index - 1) % spec.world != spec.rank:
+            if (index - 1) % share != slot:
                 continue
             buffer.append(sample)
-            if len(buffer) >= spec.shuffle_buffer:
+            if len(buffer) >= size:
                 yield buffer.pop(rng.randrange(len(buffer)))
     while buffer:
         yield buffer.pop(rng.randrange(len(buffer)))
 
 
-Position = dict[str, int]
-
-
-def stream(storage: Storage, spec: StreamSpec,
-           position: Position | None = None) -> Iterator[tuple[dict[str, Any], Position]]:
-    """Endless ``(raw sample, position after it)`` pairs, starting at ``position``."""
-    if not spec.shards:
-        raise ValueError("no shards to read")
-    epoch = (position or {}).get("epoch", 0)
-    skip = (position or {}).get("index", 0)
+def partition_stream(storage: Storage, spec: StreamSpec, part: int, epoch: int = 0,
+                     skip: int = 0) -> Iterator[tuple[dict[str, Any], int, int]]:
+    """Endless ``(raw sample, epoch, index in that epoch)`` of partition ``part``, starting
+    after sample ``skip`` of ``epoch``."""
     while True:
         index = 0
-        produced = False
-        for sample in raw_epoch(storage, spec, epoch):
-            produced = True
+        for sample in raw_partition_epoch(storage, spec, part, epoch):
             index += 1
-            if index <= skip:
-                continue
-            yield sample, {"epoch": epoch, "index": index}
-        if not produced:
-            raise ValueError(f"rank {spec.rank} got no samples from {len(spec.shards)} shards")
+            if index > skip:
+                yield sample, epoch, index
+        if index == 0:
+            raise ValueError(
+                f"data partition {part} of {spec.streams} got no samples from "
+                f"{len(spec.shards)} shard(s): too little data for that many partitions "
+                f"(lower train.data_streams at a fresh start)")
         epoch, skip = epoch + 1, 0
+
+
+class Stream:
+    """A rank's endless ``(raw sample, sample key)`` pairs from ``position`` (None: the start;
+    else a merged position, :func:`merge_positions`). :meth:`position` says where it stands."""
+
+    def __init__(self, storage: Storage, spec: StreamSpec,
+                 position: Position | None = None) -> None:
+        if not spec.shards:
+            raise ValueError("no shards to read")
+        position = position or {}
+        saved = position.get("streams", spec.streams)
+        if saved != spec.streams:
+            raise ValueError(f"position is for {saved} data streams, the spec has {spec.streams}")
+        self.spec = spec
+        self.next = int(position.get("next", 0))  # global samples consumed, by all ranks
+        if self.next % spec.world:
+            raise ValueError(f"position at global sample {self.next} cannot be split evenly "
+                             f"over {spec.world} workers")
+        parts = position.get("partitions", {})
+        self.where = {p: dict(parts.get(str(p), {"epoch": 0, "index": 0})) for p in spec.mine}
+        self._iters = {p: partition_stream(storage, spec, p, w["epoch"], w["index"])
+                       for p, w in self.where.items()}
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], SampleKey]]:
+        spec = self.spec
+        while True:
+            # This rank's next global sample is next + rank; it comes from partition n mod P.
+            part = (self.next + spec.rank) % spec.streams
+            sample, epoch, index = next(self._iters[part])
+            self.where[part] = {"epoch": epoch, "index": index}
+            self.next += spec.world  # every rank takes one sample per round, in lockstep
+            yield sample, (part, epoch, index)
+
+    def position(self) -> Position:
+        """Where this rank stands (a fresh dict): resuming from it, merged with the other ranks'
+        (:func:`merge_positions`), continues exactly after the last sample yielded."""
+        return {"streams": self.spec.streams, "next": self.next,
+                "partitions": {str(p): dict(w) for p, w in self.where.items()}}
+
+
+def merge_positions(positions: list[Any]) -> Any:
+    """One position from every rank's (all taken at the same step): the union of their
+    partitions. Positions without partitions (a task's own format) are opaque: rank 0's."""
+    if not positions or not all(isinstance(p, dict) and "partitions" in p for p in positions):
+        return positions[0] if positions else None
+    streams = {p["streams"] for p in positions}
+    nexts = {p["next"] for p in positions}
+    if len(streams) != 1 or len(nexts) != 1:
+        raise ValueError(f"ranks' data positions disagree (streams {sorted(streams)}, "
+                         f"next {sorted(nexts)}): they were not taken at the same step")
+    parts: dict[str, Any] = {}
+    for p in positions:
+        parts.update(p["partitions"])
+    (count,) = streams
+    missing = sorted(set(range(count)) - {int(k) for k in parts})
+    if missing:
+        raise ValueError(f"data positions of partitions {missing} are missing: a rank's "
+                         f"position file is not in the checkpoint")
+    return {"streams": count, "next": nexts.pop(), "partitions": parts}
+
+
+def stream_spec(shards: list[str] | tuple[str, ...], rank: int, world: int, seed: int,
+                shuffle_buffer: int, requested_streams: int,
+                position: Position | None) -> StreamSpec:
+    """The spec of a training stream: the partition count of ``position`` when resuming (it is
+    fixed for the run), else :func:`stream_count` of ``requested_streams``."""
+    if position and "partitions" not in position:
+        raise ValueError(f"data position {position} is in the format of an older version "
+                         f"(one stream per rank); this version cannot continue it exactly")
+    streams = (position or {}).get("streams") or stream_count(requested_streams, world)
+    return StreamSpec(tuple(shards), rank, world, seed, shuffle_buffer, int(streams))
 
 
 def image_bytes(sample: dict[str, Any]) -> bytes:
@@ -137,21 +248,21 @@ def augment(img: np.ndarray, size: int, rng: np.random.Generator, flip: bool = T
 
 
 def image_batches(storage: Storage, spec: StreamSpec, batch_size: int, size: int,
-                  position: dict[str, int] | None = None, random_flip: bool = True,
+                  position: Position | None = None, random_flip: bool = True,
                   random_crop: bool = True,
                   transform: Callable[[np.ndarray], np.ndarray] | None = None,
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, int]]]:
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Position]]:
     """Endless ``(images [B,3,size,size] in [-1,1], labels [B], position)`` batches:
     ``size``-px crops (random, else centered) of the shards' images, mirrored at random with
     ``random_flip``.
 
-    Augmentation randomness is seeded by the sample's place in the stream, so a resumed stream
-    yields the same crops and flips as an uninterrupted one.
+    Augmentation randomness is seeded by the sample's place in its partition, so a resumed
+    stream, at any worker count, yields the same crops and flips as an uninterrupted one.
     """
     images, labels = [], []
-    for sample, pos in stream(storage, spec, position):
-        rng = np.random.default_rng(derive(spec.seed, "augment", spec.rank, pos["epoch"],
-                                           pos["index"]))
+    samples = Stream(storage, spec, position)
+    for sample, key in samples:
+        rng = np.random.default_rng(derive(spec.seed, "augment", *key))
         img = decode_image(image_bytes(sample))
         img = augment(img, size, rng, flip=random_flip, random_crop=random_crop)
         if transform is not None:
@@ -159,7 +270,7 @@ def image_batches(storage: Storage, spec: StreamSpec, batch_size: int, size: int
         images.append(to_tensor(img))
         labels.append(label_of(sample))
         if len(images) == batch_size:
-            yield torch.stack(images), torch.tensor(labels, dtype=torch.long), pos
+            yield torch.stack(images), torch.tensor(labels, dtype=torch.long), samples.position()
             images, labels = [], []
 
 
@@ -195,11 +306,11 @@ def code_batches(storage: Storage, spec: StreamSpec, batch_size: int, length: in
     from pipeline.data.codes import CODES, FLIP, parse_npy
 
     codes, labels = [], []
-    for sample, pos in stream(storage, spec, position):
+    samples = Stream(storage, spec, position)
+    for sample, key in samples:
         grid = parse_npy(sample[CODES])
         if flip and FLIP in sample:
-            rng = np.random.default_rng(derive(spec.seed, "flipped-codes", spec.rank,
-                                               pos["epoch"], pos["index"]))
+            rng = np.random.default_rng(derive(spec.seed, "flipped-codes", *key))
             if rng.random() < 0.5:
                 grid = parse_npy(sample[FLIP])
         flat = torch.from_numpy(grid.astype(np.int64).reshape(-1))
@@ -209,5 +320,5 @@ def code_batches(storage: Storage, spec: StreamSpec, batch_size: int, length: in
         codes.append(flat)
         labels.append(label_of(sample))
         if len(codes) == batch_size:
-            yield torch.stack(codes), torch.tensor(labels, dtype=torch.long), pos
+            yield torch.stack(codes), torch.tensor(labels, dtype=torch.long), samples.position()
             codes, labels = [], []

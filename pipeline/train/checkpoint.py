@@ -5,7 +5,12 @@ Layout of one checkpoint (the same for both stores, so either can resume the oth
     checkpoint-<step:08d>/
       <engine name>/ckpt/...        DeepSpeed files (model states, per-rank optimizer shards)
       rng/rank-<r>.pt               RNG states of each rank
+      data/rank-<r>.json            each rank's data position (its partitions of the stream)
       state.json                    TrainState (rank 0)
+
+A checkpoint resumes on the worker count that wrote it or on another: the ranks' data positions
+merge into one (:func:`pipeline.data.loader.merge_positions`) and the engines' states are
+re-partitioned for the new count (:mod:`pipeline.train.reshard`).
 
 - :class:`RayCheckpoints` (under Ray Train): every rank writes into its own temporary folder
   and calls ``ray.train.report`` with the same ``checkpoint_dir_name`` (a barrier: all ranks,
@@ -18,6 +23,8 @@ Layout of one checkpoint (the same for both stores, so either can resume the oth
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import tempfile
@@ -28,6 +35,8 @@ import torch
 from pipeline.storage import Storage, basename, join
 from pipeline.train.context import barrier
 from pipeline.train.state import TrainState, capture_rng, restore_rng
+
+log = logging.getLogger("pipeline")
 
 TAG = "ckpt"
 STATE = "state.json"
@@ -47,6 +56,9 @@ class Checkpoints(Protocol):
     def restore(self, engines: dict[str, Any]) -> TrainState | None:
         """Load the newest complete checkpoint into ``engines``; None when there is none."""
 
+    def peek(self) -> TrainState | None:
+        """The newest complete checkpoint's ``state.json`` (nothing loaded); None if none."""
+
     def latest(self) -> str | None:
         """URI of the newest complete checkpoint (after a save), or None."""
 
@@ -61,31 +73,68 @@ def write_folder(folder: str, engines: dict[str, Any], state: TrainState, rank: 
         engine.save_checkpoint(os.path.join(folder, name), tag=TAG, save_latest=False)
     os.makedirs(os.path.join(folder, "rng"), exist_ok=True)
     torch.save(capture_rng(), os.path.join(folder, "rng", f"rank-{rank}.pt"))
+    os.makedirs(os.path.join(folder, "data"), exist_ok=True)
+    with open(os.path.join(folder, "data", f"rank-{rank}.json"), "w") as fh:
+        json.dump(state.data.get("position"), fh)
     if with_state:
         with open(os.path.join(folder, STATE), "w") as fh:
             fh.write(state.to_json())
 
 
+def saved_world(folder: str) -> int:
+    """How many workers wrote the local checkpoint ``folder``."""
+    return len([f for f in os.listdir(os.path.join(folder, "rng")) if f.endswith(".pt")])
+
+
+def saved_positions(folder: str, world: int) -> list[Any] | None:
+    """Every rank's data position, rank order; None for a checkpoint without them."""
+    files = [os.path.join(folder, "data", f"rank-{r}.json") for r in range(world)]
+    if not all(os.path.exists(f) for f in files):
+        return None
+    positions = []
+    for f in files:
+        with open(f) as fh:
+            positions.append(json.load(fh))
+    return positions
+
+
 def load_folder(folder: str, engines: dict[str, Any], rank: int, world: int,
                 where: str) -> TrainState:
-    """Load a complete local checkpoint ``folder`` (``where`` names it in errors).
+    """Load a complete local checkpoint ``folder`` (``where`` names it in errors) on rank
+    ``rank`` of ``world``, which may differ from the count that wrote it.
 
-    A checkpoint written by another number of workers is refused with a clear message: DeepSpeed
-    cannot re-partition ZeRO optimizer states on load.
+    The returned state's data position is every rank's merged. On another count the engines
+    are re-partitioned (:func:`pipeline.train.reshard.load_resharded`), ranks that did not exist
+    keep their fresh RNG seeds, and the caller must keep the global batch
+    (:func:`pipeline.train.loop.resolve`).
     """
-    saved_ranks = len(os.listdir(os.path.join(folder, "rng")))
-    if saved_ranks != world:
-        raise RuntimeError(
-            f"checkpoint {where} was written by {saved_ranks} workers but this run has {world}: "
-            f"resume with num_workers={saved_ranks}, or export the weights (DeepSpeed's "
-            f"zero_to_fp32.py) and start a new run from them")
-    for name, engine in engines.items():
-        path, _ = engine.load_checkpoint(os.path.join(folder, name), tag=TAG)
-        if path is None:
-            raise RuntimeError(f"no DeepSpeed checkpoint for engine {name!r} in {where}")
+    from pipeline.data.loader import merge_positions
+
     with open(os.path.join(folder, STATE)) as fh:
         state = TrainState.from_json(fh.read())
-    restore_rng(torch.load(os.path.join(folder, "rng", f"rank-{rank}.pt"), weights_only=False))
+    written_by = saved_world(folder)
+    positions = saved_positions(folder, written_by)
+    if written_by != world:
+        if positions is None:
+            raise RuntimeError(
+                f"checkpoint {where} was written by {written_by} workers, before data "
+                f"positions were saved per rank; resume it with num_workers={written_by}")
+        from pipeline.train.reshard import load_resharded
+
+        if rank == 0:
+            log.info("checkpoint %s was written by %d workers; resuming on %d", where,
+                     written_by, world)
+        load_resharded(folder, engines, TAG, written_by, where)
+    else:
+        for name, engine in engines.items():
+            path, _ = engine.load_checkpoint(os.path.join(folder, name), tag=TAG)
+            if path is None:
+                raise RuntimeError(f"no DeepSpeed checkpoint for engine {name!r} in {where}")
+    if positions is not None:
+        state.data = {"position": merge_positions(positions)}
+    rng = os.path.join(folder, "rng", f"rank-{rank}.pt")
+    if os.path.exists(rng):
+        restore_rng(torch.load(rng, weights_only=False))
     return state
 
 
@@ -121,6 +170,15 @@ class RayCheckpoints:
             return load_folder(folder, engines, ctx.get_world_rank(), ctx.get_world_size(),
                                ckpt.path)
 
+    def peek(self) -> TrainState | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{STATE}") as fh:
+            return TrainState.from_json(fh.read().decode())
+
     def latest(self) -> str | None:
         return self._latest
 
@@ -141,6 +199,10 @@ class FolderCheckpoints:
     def latest(self) -> str | None:
         done = self.complete()
         return done[-1] if done else None
+
+    def peek(self) -> TrainState | None:
+        uri = self.latest()
+        return TrainState.from_json(self.storage.read_text(join(uri, STATE))) if uri else None
 
     def save(self, engines: dict[str, Any], state: TrainState, metrics: dict[str, Any]) -> None:
         uri = join(self.folder, checkpoint_name(state.step))

@@ -14,9 +14,14 @@ SCHEDULES = ("cosine", "constant")
 class TrainConfig:
     """Steps, batch, optimizer, schedule, DeepSpeed and Ray Train resources.
 
-    The global batch is ``micro_batch × grad_accum × num_workers``. Worker count, logging and
-    checkpoint cadence stay out of the fingerprint: changing them must not restart training.
-    ``steps`` is out of it too, so raising it continues the same run from its newest checkpoint.
+    The global batch is ``micro_batch × grad_accum × num_workers``, fixed at a run's first step:
+    a run resumed on another worker count keeps it, with ``grad_accum`` re-derived
+    (:func:`pipeline.train.loop.resolve`). Worker count, logging and checkpoint cadence stay out
+    of the fingerprint: changing them must not restart training. ``steps`` is out of it too, so
+    raising it continues the same run from its newest checkpoint. ``data_streams`` (0: the least
+    common multiple of 12 and the worker count) is how many partitions the training data is cut
+    into (pipeline.data.loader); fixed at the first step too, a run can later resume on any
+    worker count that divides it.
     """
 
     steps: int = no_fingerprint(100)
@@ -37,6 +42,7 @@ class TrainConfig:
     checkpoint_every: int = no_fingerprint(50)
     keep_checkpoints: int = no_fingerprint(2)
     max_failures: int = no_fingerprint(1)
+    data_streams: int = no_fingerprint(0)
     log_every: int = no_fingerprint(10)
     image_every: int = no_fingerprint(100)  # reconstruction / sample grids
 
@@ -69,6 +75,12 @@ class TrainConfig:
             raise ConfigError("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         if self.max_failures < 0:
             raise ConfigError("max_failures", f"must be >= 0, got {self.max_failures}")
+        if self.data_streams < 0:
+            raise ConfigError("data_streams", f"must be >= 0 (0: automatic), got "
+                              f"{self.data_streams}")
+        if self.data_streams and self.data_streams % self.num_workers:
+            raise ConfigError("data_streams", f"{self.data_streams} partitions cannot be split "
+                              f"evenly over num_workers={self.num_workers}; use a multiple of it")
 
     @property
     def global_batch(self) -> int:

@@ -18,6 +18,7 @@ It does not need Ray: :func:`pipeline.train.launch.fit` runs it on Ray Train wor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -27,6 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.faults import Fault, die_if_due
 from pipeline.progress import progress_uri, record
 from pipeline.seeds import derive
@@ -121,17 +123,48 @@ def _accumulate(total: dict[str, torch.Tensor], scalars: dict[str, Any], scale: 
         total[k] = total[k] + v * scale if k in total else v * scale
 
 
+def resolve(cfg: TrainConfig, ctx: TrainContext, saved: TrainState | None) -> TrainConfig:
+    """``cfg`` as this process runs it: ``num_workers`` the actual world size, and
+    ``grad_accum`` such that the global batch is the run's.
+
+    The run's global batch is the checkpoint's when resuming (kept on any worker count), else
+    ``micro_batch × grad_accum × num_workers`` under Ray (whose worker group may be smaller than
+    ``num_workers`` after a node is lost) and ``micro_batch × grad_accum × world`` for other
+    launchers (their world is what they were started with).
+    """
+    if saved is not None and saved.global_batch:
+        target = saved.global_batch
+    else:
+        target = cfg.micro_batch * cfg.grad_accum * (
+            cfg.num_workers if ctx.launcher == "ray" else ctx.world)
+    per_pass = cfg.micro_batch * ctx.world
+    if target % per_pass:
+        raise ConfigError(
+            "micro_batch", f"this run's global batch of {target} samples per step cannot be "
+            f"split into micro-batches of {cfg.micro_batch} over {ctx.world} workers; choose a "
+            f"micro_batch and worker count whose product divides {target}")
+    accum = target // per_pass
+    if accum != cfg.grad_accum and ctx.is_main:
+        log.info("global batch %d on %d workers: grad_accum %d (config %d)", target, ctx.world,
+                 accum, cfg.grad_accum)
+    return dataclasses.replace(cfg, num_workers=ctx.world, grad_accum=accum)
+
+
 def run(spec: LoopSpec, ctx: TrainContext, checkpoints: Checkpoints) -> LoopResult:
-    """Train ``spec.task`` to ``spec.cfg.steps`` optimizer steps on this process."""
-    cfg, storage = spec.cfg, spec.storage
-    prepare_device(ctx, cfg.cpus_per_worker)
+    """Train ``spec.task`` to ``spec.cfg.steps`` optimizer steps on this process, resuming from
+    the newest checkpoint (written on any worker count)."""
+    storage = spec.storage
+    prepare_device(ctx, spec.cfg.cpus_per_worker)
+    spec = dataclasses.replace(spec, cfg=resolve(spec.cfg, ctx, checkpoints.peek()))
+    cfg = spec.cfg
     torch.manual_seed(spec.seed)  # identical initial weights on every rank
     task = spec.task(ctx, spec)
+    # Per-rank randomness (dropout, restarts); a restored checkpoint replaces it with the RNG
+    # state this rank saved, where it existed then.
+    torch.manual_seed(derive(spec.seed, "rank", ctx.rank))
     resumed = checkpoints.restore(task.engines)
     if resumed is None:
         state = TrainState()
-        # per-rank randomness (dropout, restarts)
-        torch.manual_seed(derive(spec.seed, "rank", ctx.rank))
     else:
         state = TrainState.from_json(resumed.to_json())
         log.info("rank %d resumed at step %d", ctx.rank, state.step)

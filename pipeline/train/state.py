@@ -16,18 +16,23 @@ class TrainState:
     """Progress counters saved with every checkpoint.
 
     ``step`` counts optimizer steps done; ``samples_seen`` counts samples over all ranks;
-    ``data`` is the data loader's own position (opaque here, see pipeline.data.loader).
+    ``global_batch`` is the samples per step, fixed for the run (0: a checkpoint from before it
+    was recorded); ``data`` is the data loader's own position (opaque here, see
+    pipeline.data.loader). In ``state.json`` it is rank 0's; a restored state holds every rank's
+    merged (pipeline.train.checkpoint).
     """
 
     step: int = 0
     samples_seen: int = 0
+    global_batch: int = 0
     data: dict[str, Any] = field(default_factory=dict)
 
     def advance(self, samples: int, position: Any) -> None:
-        """One optimizer step done: ``samples`` more seen over all ranks, the loader now at
+        """One optimizer step of ``samples`` (over all ranks) done, this rank's loader now at
         ``position``."""
         self.step += 1
         self.samples_seen += samples
+        self.global_batch = samples
         self.data = {"position": position}
 
     def to_json(self) -> str:
