@@ -207,6 +207,7 @@ class GPTTask:
                                           spec.storage.read_bytes(data["vqgan"]["weights"]))
             self.vqgan.to(ctx.device).eval()
         self.gen = torch.Generator(device=ctx.device)
+        self.draws: Any = None  # this step's corruption noise (step)
 
     def batches(self, position: Any) -> Any:
         from pipeline.data.loader import code_batches, stream_spec
@@ -220,11 +221,21 @@ class GPTTask:
             yield (codes, labels), pos
 
     def step(self, batch: Any, step: int, micro: int) -> dict[str, Any]:
+        import torch
+
+        cfg, ctx = self.cfg, self.ctx
         if micro == 0:
-            # Corruption noise is a function of (seed, rank, step): a resumed run draws the same.
-            self.gen.manual_seed(derive(self.spec.seed, "code-corruption", self.ctx.rank, step))
+            # The corruption noise of the whole global batch is a function of (seed, step);
+            # each rank takes its samples' rows, so a resumed run, on any worker count, draws
+            # what an unchanged one would.
+            self.gen.manual_seed(derive(self.spec.seed, "code-corruption", step))
+            self.draws = self.engine.module.corruption_draws(cfg.global_batch,
+                                                             self.data["length"], self.gen)
         codes, labels = batch
-        loss = _loss(self.engine, codes, labels, self.data["n_classes"], self.gen)
+        # The stream gives rank r the global samples r, r+W, r+2W, ... (pipeline.data.loader).
+        slots = (micro * cfg.micro_batch + torch.arange(len(codes))) * ctx.world + ctx.rank
+        loss = _loss(self.engine, codes, labels, self.data["n_classes"],
+                     self.draws.rows(slots.to(self.gen.device)))
         self.engine.backward(loss)
         self.engine.step()
         return {"loss/train": loss.detach()}
@@ -246,9 +257,11 @@ class GPTTask:
             export(plain, spec.storage, spec.uri, self.data, self.cfg, state, tracker)
 
 
-def _loss(engine: Any, codes: Any, labels: Any, n_classes: int, gen: Any) -> Any:
-    """Next-code cross-entropy through the engine (so ZeRO-3 gathers the weights it needs)."""
-    idx, targets = engine.module.prepare_batch(codes, labels if n_classes else None, gen)
+def _loss(engine: Any, codes: Any, labels: Any, n_classes: int, draws: Any) -> Any:
+    """Next-code cross-entropy through the engine (so ZeRO-3 gathers the weights it needs);
+    ``draws``: the batch's corruption noise (GPT.corruption_draws)."""
+    idx, targets = engine.module.prepare_batch(codes, labels if n_classes else None,
+                                               draws=draws)
     _, loss = engine(idx, targets)
     return loss
 

@@ -237,6 +237,20 @@ class Block(nn.Module):
 # --- the model ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CorruptionDraws:
+    """Random numbers for the training-time corruption of B sequences of L codes: uniforms
+    ``keep`` [B, L-1] (a code is kept where < pkeep), replacement codes ``noise`` [B, L-1], and
+    uniforms ``drop`` [B, 1] (the class token is dropped where < cond_drop)."""
+
+    keep: Tensor
+    noise: Tensor
+    drop: Tensor
+
+    def rows(self, index: Tensor) -> CorruptionDraws:
+        return CorruptionDraws(self.keep[index], self.noise[index], self.drop[index])
+
+
 class GPT(Exportable, nn.Module):
     """Token + learned position embeddings, ``n_layer`` pre-LN blocks, final LN, a bias-free head
     over the ``vocab_size`` image codes.
@@ -302,14 +316,27 @@ class GPT(Exportable, nn.Module):
                              f"[{int(labels.min())}, {int(labels.max())}]")
         return (labels + (c.vocab_size + 1)).unsqueeze(1)
 
+    def corruption_draws(self, rows: int, length: int, generator: torch.Generator | None = None,
+                         device: torch.device | str | None = None) -> CorruptionDraws:
+        """The random numbers :meth:`prepare_batch` uses for ``rows`` sequences of ``length``
+        codes, in one fixed order on ``device`` (default: the generator's), so a caller can draw
+        a whole global batch and hand each rank its rows."""
+        device = device if device is not None else (generator.device if generator else None)
+        shape = (rows, length - 1)
+        keep = torch.rand(shape, device=device, generator=generator)
+        noise = torch.randint(0, self.config.vocab_size, shape, device=device, generator=generator)
+        drop = torch.rand((rows, 1), device=device, generator=generator)
+        return CorruptionDraws(keep, noise, drop)
+
     def prepare_batch(
         self, codes: Tensor, labels: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, draws: CorruptionDraws | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(idx [B,L], targets [B,L]) for ``forward``: idx = [cond, codes[:, :-1]], targets =
         codes. In training mode only: each input code is kept with probability ``pkeep`` (else
         replaced by a uniformly random code; targets stay clean) and each class token is
-        replaced by the start token with probability ``cond_drop``."""
+        replaced by the start token with probability ``cond_drop``. The random numbers are
+        ``draws`` (:meth:`corruption_draws`, B rows) when given, else drawn from ``generator``."""
         c = self.config
         b, length = codes.shape
         if length > c.block_size:
@@ -317,13 +344,16 @@ class GPT(Exportable, nn.Module):
         codes = codes.long()
         cond = self.cond_tokens(labels, b).to(codes.device)
         inputs = codes[:, :-1]
-        if self.training and c.pkeep < 1.0:
-            keep = torch.rand(inputs.shape, device=codes.device, generator=generator) < c.pkeep
-            noise = torch.randint(0, c.vocab_size, inputs.shape, device=codes.device,
-                                  generator=generator)
-            inputs = torch.where(keep, inputs, noise)
-        if self.training and c.cond_drop > 0.0 and labels is not None:
-            drop = torch.rand((b, 1), device=codes.device, generator=generator) < c.cond_drop
+        corrupt = self.training and c.pkeep < 1.0
+        drop_cond = self.training and c.cond_drop > 0.0 and labels is not None
+        if (corrupt or drop_cond) and draws is None:
+            draws = self.corruption_draws(b, length, generator,
+                                          generator.device if generator else codes.device)
+        if corrupt:
+            keep = draws.keep.to(codes.device) < c.pkeep
+            inputs = torch.where(keep, inputs, draws.noise.to(codes.device))
+        if drop_cond:
+            drop = draws.drop.to(codes.device) < c.cond_drop
             cond = torch.where(drop, torch.full_like(cond, c.start_token), cond)
         return torch.cat([cond, inputs], dim=1), codes
 

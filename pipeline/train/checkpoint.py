@@ -141,48 +141,6 @@ def load_folder(folder: str, engines: dict[str, Any], rank: int, world: int,
 # -- the two stores -----------------------------------------------------------------------------
 
 
-class RayCheckpoints:
-    """Checkpoints through Ray Train (its storage path is the stage's ``train/`` folder)."""
-
-    def __init__(self) -> None:
-        self._latest: str | None = None
-
-    def save(self, engines: dict[str, Any], state: TrainState, metrics: dict[str, Any]) -> None:
-        import ray.train
-
-        ctx = ray.train.get_context()
-        rank = ctx.get_world_rank()
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            write_folder(tmp, engines, state, rank, with_state=rank == 0)
-            ray.train.report({**metrics, "step": state.step},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=checkpoint_name(state.step))
-        self._latest = checkpoint_name(state.step)
-
-    def restore(self, engines: dict[str, Any]) -> TrainState | None:
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return None
-        ctx = ray.train.get_context()
-        with ckpt.as_directory() as folder:
-            return load_folder(folder, engines, ctx.get_world_rank(), ctx.get_world_size(),
-                               ckpt.path)
-
-    def peek(self) -> TrainState | None:
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return None
-        with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{STATE}") as fh:
-            return TrainState.from_json(fh.read().decode())
-
-    def latest(self) -> str | None:
-        return self._latest
-
-
 class FolderCheckpoints:
     """Checkpoints under ``folder`` (a local path or an object-storage URI), no Ray needed."""
 
@@ -237,3 +195,50 @@ class FolderCheckpoints:
                     fh.write(self.storage.read_bytes(f))
             return load_folder(tmp, engines, self.rank, self.world, uri)
 
+
+class RayCheckpoints:
+    """Checkpoints through Ray Train (its storage path is the stage's ``train/`` folder).
+
+    ``fallback`` (the same folder read as :class:`FolderCheckpoints`) is where a run without a
+    Ray checkpoint looks next: checkpoints written there by ``fit_local`` or ``torchrun``,
+    which Ray's own snapshot does not list.
+    """
+
+    def __init__(self, fallback: FolderCheckpoints | None = None) -> None:
+        self._latest: str | None = None
+        self.fallback = fallback
+
+    def save(self, engines: dict[str, Any], state: TrainState, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        rank = ctx.get_world_rank()
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            write_folder(tmp, engines, state, rank, with_state=rank == 0)
+            ray.train.report({**metrics, "step": state.step},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint_name(state.step))
+        self._latest = checkpoint_name(state.step)
+
+    def restore(self, engines: dict[str, Any]) -> TrainState | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return self.fallback.restore(engines) if self.fallback else None
+        ctx = ray.train.get_context()
+        with ckpt.as_directory() as folder:
+            return load_folder(folder, engines, ctx.get_world_rank(), ctx.get_world_size(),
+                               ckpt.path)
+
+    def peek(self) -> TrainState | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return self.fallback.peek() if self.fallback else None
+        with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{STATE}") as fh:
+            return TrainState.from_json(fh.read().decode())
+
+    def latest(self) -> str | None:
+        return self._latest

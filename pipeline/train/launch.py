@@ -60,12 +60,15 @@ def ray_worker(spec: LoopSpec) -> None:
     whole output (stdout, stderr, C-level too) goes to the stage's log file."""
     from pipeline.logs import capture_output
     from pipeline.train import loop
-    from pipeline.train.checkpoint import RayCheckpoints
+    from pipeline.train.checkpoint import FolderCheckpoints, RayCheckpoints
     from pipeline.train.context import from_ray
 
     ctx = from_ray(spec.cfg.use_gpu)
+    # Without a Ray checkpoint, resume from one another launcher wrote in the same folder.
+    written_elsewhere = FolderCheckpoints(spec.storage, join(spec.uri, CHECKPOINTS), ctx.rank,
+                                          ctx.world, spec.cfg.keep_checkpoints)
     with capture_output(spec.storage, worker_log_uri(spec, ctx.rank)):
-        loop.run(spec, ctx, RayCheckpoints())
+        loop.run(spec, ctx, RayCheckpoints(written_elsewhere))
 
 
 def fit(spec: LoopSpec) -> str | None:
