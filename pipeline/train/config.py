@@ -21,7 +21,9 @@ class TrainConfig:
     raising it continues the same run from its newest checkpoint. ``data_streams`` (0: the least
     common multiple of 12 and the worker count) is how many partitions the training data is cut
     into (pipeline.data.loader); fixed at the first step too, a run can later resume on any
-    worker count that divides it.
+    worker count that divides it. With ``min_workers`` Ray Train runs elastically: on any count
+    from ``min_workers`` to ``num_workers`` the cluster can host (after a node is lost it
+    continues on fewer workers, and grows back when capacity returns).
     """
 
     steps: int = no_fingerprint(100)
@@ -37,6 +39,7 @@ class TrainConfig:
     precision: str = "fp32"
     zero_stage: int = 0
     num_workers: int = no_fingerprint(2)
+    min_workers: int = no_fingerprint(0)  # 0: exactly num_workers; else elastic (Ray Train)
     use_gpu: bool = no_fingerprint(False)
     cpus_per_worker: float = no_fingerprint(1.0)
     checkpoint_every: int = no_fingerprint(50)
@@ -78,9 +81,23 @@ class TrainConfig:
         if self.data_streams < 0:
             raise ConfigError("data_streams", f"must be >= 0 (0: automatic), got "
                               f"{self.data_streams}")
-        if self.data_streams and self.data_streams % self.num_workers:
-            raise ConfigError("data_streams", f"{self.data_streams} partitions cannot be split "
-                              f"evenly over num_workers={self.num_workers}; use a multiple of it")
+        if not 0 <= self.min_workers <= self.num_workers:
+            raise ConfigError("min_workers", f"must be in [0, num_workers={self.num_workers}] "
+                              f"(0: no elastic range), got {self.min_workers}")
+        for count in self.worker_counts():
+            if (self.grad_accum * self.num_workers) % count:
+                raise ConfigError(
+                    "min_workers" if count != self.num_workers else "num_workers",
+                    f"the global batch (micro_batch x grad_accum={self.grad_accum} x "
+                    f"num_workers={self.num_workers}) cannot be split over {count} workers; "
+                    f"choose counts that divide grad_accum x num_workers")
+            if self.data_streams and self.data_streams % count:
+                raise ConfigError("data_streams", f"{self.data_streams} partitions cannot be "
+                                  f"split evenly over {count} workers; use a multiple of it")
+
+    def worker_counts(self) -> range:
+        """The worker counts a Ray launch may run on: ``num_workers``, or the elastic range."""
+        return range(self.min_workers or self.num_workers, self.num_workers + 1)
 
     @property
     def global_batch(self) -> int:

@@ -36,12 +36,13 @@ def ray_storage(uri: str, storage: Storage) -> tuple[str, Any]:
 def check_resources(tc: TrainConfig) -> None:
     """ResourceError with the knob to turn when the workers cannot all be scheduled."""
     total = cluster_resources()
-    require(f"training ({tc.num_workers} workers × {tc.cpus_per_worker:g} CPUs)", "CPU",
-            tc.num_workers * tc.cpus_per_worker, total.get("CPU", 0),
-            "lower num_workers or cpus_per_worker")
+    fewest = tc.worker_counts()[0]  # elastic: the run can start on its minimum
+    require(f"training ({fewest} workers × {tc.cpus_per_worker:g} CPUs)", "CPU",
+            fewest * tc.cpus_per_worker, total.get("CPU", 0),
+            "lower num_workers (or min_workers) or cpus_per_worker")
     if tc.use_gpu:
-        require(f"training with use_gpu ({tc.num_workers} workers)", "GPU", tc.num_workers,
-                total.get("GPU", 0), "lower num_workers, or add GPU nodes")
+        require(f"training with use_gpu ({fewest} workers)", "GPU", fewest,
+                total.get("GPU", 0), "lower num_workers (or min_workers), or add GPU nodes")
 
 
 def _run_uri(stage_uri: str) -> str:
@@ -72,7 +73,8 @@ def ray_worker(spec: LoopSpec) -> None:
 
 
 def fit(spec: LoopSpec) -> str | None:
-    """Run the loop on ``tc.num_workers`` Ray Train workers; returns the newest checkpoint's URI.
+    """Run the loop on ``tc.num_workers`` Ray Train workers (or elastically on
+    ``min_workers``..``num_workers``); returns the newest checkpoint's URI.
 
     Checkpoints go to ``<uri>/train/checkpoint-*``; a rerun with the same ``uri`` resumes from
     the newest one (Ray Train V2 finds its snapshot there); crashed workers are restarted from it
@@ -86,10 +88,14 @@ def fit(spec: LoopSpec) -> str | None:
     tc = spec.cfg
     check_resources(tc)
     storage_path, filesystem = ray_storage(spec.uri, spec.storage)
+    counts = tc.worker_counts()
+    # Elastic: Ray Train starts on as many as it can place and, after a lost node, restarts
+    # from the newest checkpoint on fewer (pipeline.train.loop.resolve keeps the global batch).
+    workers: int | tuple[int, int] = counts[0] if len(counts) == 1 else (counts[0], counts[-1])
     trainer = TorchTrainer(
         ray_worker,
         train_loop_config=spec,
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(
             name=CHECKPOINTS,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 import torch
 
 from pipeline.config import ConfigError
+from pipeline.data.loader import DEFAULT_STREAMS
 from pipeline.faults import Fault, die_if_due
 from pipeline.progress import progress_uri, record
 from pipeline.seeds import derive
@@ -124,8 +126,9 @@ def _accumulate(total: dict[str, torch.Tensor], scalars: dict[str, Any], scale: 
 
 
 def resolve(cfg: TrainConfig, ctx: TrainContext, saved: TrainState | None) -> TrainConfig:
-    """``cfg`` as this process runs it: ``num_workers`` the actual world size, and
-    ``grad_accum`` such that the global batch is the run's.
+    """``cfg`` as this process runs it: ``num_workers`` the actual world size, ``grad_accum``
+    such that the global batch is the run's, and ``data_streams`` resolved (0: the least common
+    multiple of 12 and every worker count the run may take, so any of them splits it).
 
     The run's global batch is the checkpoint's when resuming (kept on any worker count), else
     ``micro_batch × grad_accum × num_workers`` under Ray (whose worker group may be smaller than
@@ -147,7 +150,9 @@ def resolve(cfg: TrainConfig, ctx: TrainContext, saved: TrainState | None) -> Tr
     if accum != cfg.grad_accum and ctx.is_main:
         log.info("global batch %d on %d workers: grad_accum %d (config %d)", target, ctx.world,
                  accum, cfg.grad_accum)
-    return dataclasses.replace(cfg, num_workers=ctx.world, grad_accum=accum)
+    streams = cfg.data_streams or math.lcm(DEFAULT_STREAMS, ctx.world, *cfg.worker_counts())
+    return dataclasses.replace(cfg, num_workers=ctx.world, grad_accum=accum,
+                               data_streams=streams)
 
 
 def run(spec: LoopSpec, ctx: TrainContext, checkpoints: Checkpoints) -> LoopResult:
