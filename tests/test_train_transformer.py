@@ -2,8 +2,9 @@
 
 The upstream stages run once per module with few steps. Covered: val loss below the codes'
 unigram entropy; a hard-killed worker is recovered; a run grown in two parts ends with exactly
-the weights of an uninterrupted one; the consolidated export loads in a fresh process; resuming
-with 1 worker from a 2-worker ZeRO-3 checkpoint fails with a message saying what to do.
+the weights of an uninterrupted one; the consolidated export loads in a fresh process; a run whose
+worker count changes at checkpoints (2 → 1 → 2, ZeRO-3) ends with the unchanged run's weights to
+float tolerance.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from pipeline import faults
 from pipeline.config import load_config
-from pipeline.dag import Pipeline, StageFailed
+from pipeline.dag import Pipeline
 from pipeline.storage import Storage
 from stages.shard import STAGE as SHARD
 from stages.tokenize import STAGE as TOKENIZE
@@ -90,8 +91,17 @@ def test_train_transformer_zero3(ray_session, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[-2] == "[2, 64] 64 10"
 
-    # Resuming a 2-worker ZeRO-3 checkpoint with 1 worker: a clear refusal.
-    with pytest.raises(StageFailed) as err:
-        _run(root, "train_transformer.steps=50", "train_transformer.eval_samples=199",
-             "train_transformer.num_workers=1")
-    assert "num_workers=2" in str(err.value.cause) or "num_workers=2" in repr(err.value), err
+    # The same 40 steps with the worker count changed at checkpoints: 2 workers to step 20,
+    # 1 to step 30, 2 again to 40 (ZeRO-3 states re-partitioned each time, the global batch
+    # of 32 kept through grad_accum, the data and the corruption noise independent of the
+    # count). It ends where the unchanged run ended, up to float summation order.
+    moved = ("train_transformer.eval_samples=198",)
+    _run(root, "train_transformer.steps=20", *moved)
+    one = _run(root, "train_transformer.steps=30", "train_transformer.num_workers=1", *moved)
+    c = _run(root, "train_transformer.steps=40", *moved)["train_transformer"]
+    assert one["train_transformer"]["outputs"]["samples_seen"] == 30 * 32
+    assert c["outputs"]["steps"] == 40 and c["outputs"]["samples_seen"] == 40 * 32
+    wc = _weights(c)
+    for k in wa:
+        torch.testing.assert_close(wc[k], wa[k], rtol=1e-3, atol=1e-4,
+                                   msg=lambda m, k=k: f"{k}: 2→1→2 workers: {m}")
