@@ -7,6 +7,7 @@ Layout of one checkpoint (the same for both stores, so either can resume the oth
       rng/rank-<r>.pt               RNG states of each rank
       data/rank-<r>.json            each rank's data position (its partitions of the stream)
       state.json                    TrainState (rank 0)
+      complete.json                 written last, once every rank's files are in place
 
 A checkpoint resumes on the worker count that wrote it or on another: the ranks' data positions
 merge into one (:func:`pipeline.data.loader.merge_positions`) and the engines' states are
@@ -40,11 +41,25 @@ log = logging.getLogger("pipeline")
 
 TAG = "ckpt"
 STATE = "state.json"
+COMPLETE = "complete.json"  # {"step", "world"}: the checkpoint is whole
 _NAME = re.compile(r"checkpoint-(\d{8})$")
 
 
 def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:08d}"
+
+
+def step_of(uri: str) -> int:
+    """The step of a ``checkpoint-<step>`` folder's URI or path."""
+    match = _NAME.match(basename(uri.rstrip("/")))
+    if match is None:
+        raise ValueError(f"not a checkpoint folder: {uri}")
+    return int(match.group(1))
+
+
+def mark_complete(storage: Storage, uri: str, step: int, world: int) -> None:
+    """Declare checkpoint ``uri`` whole (call once every rank's files are in place)."""
+    storage.write_json(join(uri, COMPLETE), {"step": step, "world": world})
 
 
 class Checkpoints(Protocol):
@@ -149,10 +164,10 @@ class FolderCheckpoints:
         self.rank, self.world, self.keep = rank, world, keep
 
     def complete(self) -> list[str]:
-        """Complete checkpoints' URIs, oldest first."""
+        """Complete checkpoints' URIs (with :data:`COMPLETE`; by either store), oldest first."""
         found = sorted(u for u in self.storage.listdir(self.folder)
                        if _NAME.match(basename(u)))
-        return [u for u in found if self.storage.exists(join(u, STATE))]
+        return [u for u in found if self.storage.exists(join(u, COMPLETE))]
 
     def latest(self) -> str | None:
         done = self.complete()
@@ -170,6 +185,7 @@ class FolderCheckpoints:
         barrier()  # every rank's files are in place before the checkpoint is declared complete
         if self.rank == 0:
             self.storage.write_text(join(uri, STATE), state.to_json())
+            mark_complete(self.storage, uri, state.step, self.world)
             for old in self.complete()[:-self.keep]:
                 self.storage.rm(old, recursive=True)
         barrier()
@@ -199,14 +215,21 @@ class FolderCheckpoints:
 class RayCheckpoints:
     """Checkpoints through Ray Train (its storage path is the stage's ``train/`` folder).
 
-    ``fallback`` (the same folder read as :class:`FolderCheckpoints`) is where a run without a
-    Ray checkpoint looks next: checkpoints written there by ``fit_local`` or ``torchrun``,
-    which Ray's own snapshot does not list.
+    ``bucket`` reads the same folder as :class:`FolderCheckpoints`. Ray registers a reported
+    checkpoint a moment after every rank has uploaded it, so a run whose driver or workers die
+    in between leaves whole checkpoints Ray does not list; rank 0 marks each one complete
+    (:data:`COMPLETE`) once all ranks' uploads are done, and a restore takes the newest complete
+    one in the bucket when it is newer than Ray's (or Ray has none: checkpoints written by
+    ``fit_local`` / ``torchrun``).
     """
 
-    def __init__(self, fallback: FolderCheckpoints | None = None) -> None:
+    def __init__(self, bucket: FolderCheckpoints | None = None) -> None:
         self._latest: str | None = None
-        self.fallback = fallback
+        self.bucket = bucket
+        # Complete checkpoints Ray never registered (newer than its newest when this run
+        # resumed): Ray will not delete them, so rank 0 does once they fall out of the newest
+        # ``keep``.
+        self._unregistered: list[str] = []
 
     def save(self, engines: dict[str, Any], state: TrainState, metrics: dict[str, Any]) -> None:
         import ray.train
@@ -219,13 +242,44 @@ class RayCheckpoints:
                              checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=checkpoint_name(state.step))
         self._latest = checkpoint_name(state.step)
+        if self.bucket is not None:
+            barrier()  # every rank's report (its upload) has returned
+            if rank == 0:
+                mark_complete(self.bucket.storage, join(self.bucket.folder, self._latest),
+                              state.step, ctx.get_world_size())
+                self._prune_unregistered()
+
+    def _prune_unregistered(self) -> None:
+        kept = set(self.bucket.complete()[-self.bucket.keep:])
+        for uri in [u for u in self._unregistered if u not in kept]:
+            self.bucket.storage.rm(uri, recursive=True)
+            self._unregistered.remove(uri)
+
+    def _newer_in_bucket(self, ckpt: Any) -> bool:
+        """Whether the bucket holds a complete checkpoint newer than Ray's ``ckpt``."""
+        if self.bucket is None:
+            return False
+        newest = self.bucket.latest()
+        if newest is None:
+            return False
+        registered = step_of(ckpt.path) if ckpt is not None else -1
+        if step_of(newest) > registered:
+            log.info("resuming from %s (Ray Train's newest registered: %s)", newest,
+                     ckpt.path if ckpt else None)
+            if ckpt is not None:
+                self._unregistered = [u for u in self.bucket.complete()
+                                      if step_of(u) > registered]
+            return True
+        return False
 
     def restore(self, engines: dict[str, Any]) -> TrainState | None:
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
+        if self._newer_in_bucket(ckpt):
+            return self.bucket.restore(engines)
         if ckpt is None:
-            return self.fallback.restore(engines) if self.fallback else None
+            return None
         ctx = ray.train.get_context()
         with ckpt.as_directory() as folder:
             return load_folder(folder, engines, ctx.get_world_rank(), ctx.get_world_size(),
@@ -235,8 +289,10 @@ class RayCheckpoints:
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
+        if self._newer_in_bucket(ckpt):
+            return self.bucket.peek()
         if ckpt is None:
-            return self.fallback.peek() if self.fallback else None
+            return None
         with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{STATE}") as fh:
             return TrainState.from_json(fh.read().decode())
 
