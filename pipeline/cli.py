@@ -117,7 +117,7 @@ def cmd_sample(args: argparse.Namespace, pipe: Pipeline) -> int:
     factor = vqgan.config.downsample_factor
     h, w = models.grid
     try:
-        options = g.SampleOptions(args.temperature, args.top_k, args.top_p, args.cfg)
+        options = g.SampleOptions(args.temperature, args.top_k or None, args.top_p, args.cfg)
         options.check()
         if args.n < 1:
             raise ValueError(f"--n: must be >= 1, got {args.n}")
@@ -246,7 +246,9 @@ def build_parser(stage_names: Sequence[str]) -> argparse.ArgumentParser:
                         help="image size in pixels (default: the trained size); larger sizes "
                              "use sliding-window sampling")
     sample.add_argument("--temperature", type=float, default=1.0)
-    sample.add_argument("--top-k", type=int, default=None, metavar="K")
+    sample.add_argument("--top-k", type=int, default=100, metavar="K",
+                        help="sample among the K likeliest codes (default 100, as the "
+                             "reference's scripts; 0: off)")
     sample.add_argument("--top-p", type=float, default=None, metavar="P")
     sample.add_argument("--cfg", type=float, default=1.0, metavar="S",
                         help="classifier-free guidance scale (1: off)")

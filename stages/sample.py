@@ -35,7 +35,7 @@ class SampleConfig:
 
     n: int = 10  # samples per class (class-conditional) or in total (unconditional)
     temperature: float = 1.0
-    top_k: int = 0  # 0: off
+    top_k: int = 100  # 0: off; 100 as the reference's sampling scripts
     top_p: float = 1.0  # 1: off
     cfg_scale: float = 1.0  # classifier-free guidance scale; 1: off
     highres: list[int] = field(default_factory=lambda: [16, 32])  # code grid H, W; []: none

@@ -58,7 +58,7 @@ class TrainTransformerConfig(TrainConfig):
     image_every: int = no_fingerprint(200)
     samples_per_class: int = no_fingerprint(4)
     temperature: float = no_fingerprint(1.0)
-    top_k: int = no_fingerprint(0)  # 0: off
+    top_k: int = no_fingerprint(100)  # 0: off; 100 as the reference's sampling scripts
 
     def validate(self) -> None:
         super().validate()

@@ -111,3 +111,18 @@ def test_imagenet_transformer_matches_reference_but_the_class_rows():
     assert model.num_params() == CIN_REFERENCE_COUNT + extra == 1_412_178_432
     assert model.num_params(non_embedding=True) == \
         CIN_REFERENCE_COUNT - (CIN["vocab"] + CIN["block"]) * CIN["n_embd"]
+
+
+def test_defaults_are_the_papers():
+    """Unset keys take the reference's values: the GAN terms from step 10,000 at λ × 0.8
+    (custom_vqgan.yaml), top-k 100 when sampling (its sampling scripts)."""
+    from pipeline.cli import build_parser
+    from stages.sample import SampleConfig
+    from stages.train_transformer import TrainTransformerConfig
+    from stages.train_vqgan import TrainVQGANConfig
+
+    loss = TrainVQGANConfig().loss
+    assert (loss.disc_start, loss.disc_weight) == (10000, 0.8)
+    assert SampleConfig().top_k == TrainTransformerConfig().top_k == 100
+    args = build_parser(["sample"]).parse_args(["sample", "runs/x", "--out", "o"])
+    assert args.top_k == 100

@@ -35,10 +35,11 @@ from .lpips import LPIPS
 class VQGANLossConfig:
     """Weights of the generator and discriminator objectives (reference names in comments)."""
 
-    disc_start: int = 0  # discriminator_iter_start: first step with the GAN terms on
+    # Defaults of the reference's custom_vqgan.yaml: the GAN terms from step 10,000, λ × 0.8.
+    disc_start: int = 10000  # discriminator_iter_start: first step with the GAN terms on
     codebook_weight: float = 1.0
     perceptual_weight: float = 1.0
-    disc_weight: float = 1.0  # discriminator_weight, multiplies λ
+    disc_weight: float = 0.8  # discriminator_weight, multiplies λ
     disc_factor: float = 1.0
     disc_loss: str = "hinge"  # "hinge" | "vanilla"
 
