@@ -45,15 +45,19 @@ def check_resources(tc: TrainConfig) -> None:
                 total.get("GPU", 0), "lower num_workers (or min_workers), or add GPU nodes")
 
 
-def release_dead_reservations() -> list[str]:
-    """Cancel elastic Ray Train reservations left by runs whose driver died; returns them.
+def prepare_elastic_start() -> list[str]:
+    """Before an elastic run: cancel reservations of dead runs and refresh the cluster view of
+    Ray's AutoscalingCoordinator; returns the reservations released.
 
-    An elastic run (``ScalingConfig(num_workers=(min, max))``) reserves its workers' resources
-    with Ray's cluster-wide AutoscalingCoordinator under ``train-<run id>``, renewed every 20 s
-    and held for 180 s; a run whose driver was killed never cancels it, so a resubmitted run
-    would see room for no worker for up to 3 minutes. When no Train controller is alive on the
-    cluster, every ``train-*`` reservation left is a dead run's. Uses Ray internals (2.60):
-    any failure is logged and ignored (the reservation then simply expires).
+    An elastic run (``ScalingConfig(num_workers=(min, max))``) sizes its worker group from that
+    cluster-wide actor's view of the free resources, which it refreshes every 20 s: a run that
+    starts just after a node joined would otherwise start without it (and grow only at the next
+    resize check). The run also reserves its workers' resources there under ``train-<run id>``,
+    renewed every 20 s and held for 180 s; a run whose driver was killed never cancels it, so a
+    resubmitted run would see room for no worker for up to 3 minutes. When no Train controller
+    is alive on the cluster, every ``train-*`` reservation left is a dead run's. Uses Ray
+    internals (2.60): any failure is logged and ignored (the run then starts on the stale
+    view, and a dead reservation simply expires).
     """
     try:
         import ray
@@ -62,21 +66,20 @@ def release_dead_reservations() -> list[str]:
         )
         from ray.util.state import list_actors
 
+        coordinator = get_or_create_autoscaling_coordinator()
         alive = list_actors(filters=[("class_name", "=", "TrainController"),
                                      ("state", "=", "ALIVE")])
-        if alive:
-            return []
-        coordinator = get_or_create_autoscaling_coordinator()
-        stale = ray.get(coordinator.__ray_call__.remote(
+        stale = [] if alive else ray.get(coordinator.__ray_call__.remote(
             lambda self: [r for r in self._ongoing_reqs if str(r).startswith("train-")]),
             timeout=30)
         for requester in stale:
             ray.get(coordinator.cancel_request.remote(requester_id=requester), timeout=30)
         if stale:
             log.info("released %d elastic training reservation(s) of dead runs", len(stale))
+        ray.get(coordinator.__ray_call__.remote(lambda self: self._tick()), timeout=30)
         return list(stale)
     except Exception as err:  # noqa: BLE001 - best effort over private APIs
-        log.debug("could not check for dead runs' training reservations: %r", err)
+        log.debug("could not prepare the elastic start: %r", err)
         return []
 
 
@@ -128,7 +131,7 @@ def fit(spec: LoopSpec) -> str | None:
     # from the newest checkpoint on fewer (pipeline.train.loop.resolve keeps the global batch).
     workers: int | tuple[int, int] = counts[0] if len(counts) == 1 else (counts[0], counts[-1])
     if len(counts) > 1:
-        release_dead_reservations()
+        prepare_elastic_start()
     trainer = TorchTrainer(
         ray_worker,
         train_loop_config=spec,
