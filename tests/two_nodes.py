@@ -42,6 +42,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port, wait_for_port
+
 RAY = str(Path(sys.executable).with_name("ray"))
 
 # GCS node-death detection: a raylet is declared dead after about
@@ -88,12 +90,6 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _free_range(size: int, taken: set[int]) -> tuple[int, int]:
     """A block of ``size`` currently free ports below the kernel's ephemeral range (so that
     outgoing connections never take them), away from ``taken``."""
@@ -104,16 +100,6 @@ def _free_range(size: int, taken: set[int]) -> tuple[int, int]:
         if not taken.intersection(block) and all(_port_free(p) for p in block):
             return lo, lo + size - 1
     raise RuntimeError(f"no free block of {size} ports in 20000-32000")
-
-
-def _wait_for_port(port: int, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
 def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -222,7 +208,7 @@ class TwoNodeCluster:
         def ports(n: int) -> list[int]:
             out = []
             while len(out) < n:
-                p = _free_port()
+                p = free_port()
                 if p not in taken:
                     taken.add(p)
                     out.append(p)
@@ -272,11 +258,11 @@ class TwoNodeCluster:
             head_args += ["--include-dashboard=false"]
         self.head = _Node("head", head_args, env)
         try:
-            _wait_for_port(self.gcs_port, timeout)
+            wait_for_port(self.gcs_port, timeout)
             self.start_worker_node()
             self.wait_for_nodes(2, timeout=max(10.0, timeout - (time.time() - t0)))
             if self.dashboard:
-                _wait_for_port(self.dashboard_port, max(10.0, timeout - (time.time() - t0)))
+                wait_for_port(self.dashboard_port, max(10.0, timeout - (time.time() - t0)))
         except BaseException:
             self.close()
             raise

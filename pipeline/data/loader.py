@@ -43,13 +43,13 @@ Position = dict[str, Any]  # see the module docstring
 SampleKey = tuple[int, int, int]  # (partition, its epoch, index in that epoch): seeds per-sample
 
 
-def stream_count(requested: int, world: int) -> int:
-    """The number of partitions for a fresh run on ``world`` workers: ``requested``, or with 0
-    the least common multiple of 12 and ``world`` (so the run can later move to any count that
-    divides 12 or ``world``)."""
+def stream_count(requested: int, *worker_counts: int) -> int:
+    """The number of partitions for a fresh run that may take any of ``worker_counts``:
+    ``requested``, or with 0 the least common multiple of 12 and those counts (so the run can
+    later also move to any count that divides 12)."""
     if requested < 0:
         raise ValueError(f"data_streams must be >= 0 (0: automatic), got {requested}")
-    return requested or math.lcm(DEFAULT_STREAMS, world)
+    return requested or math.lcm(DEFAULT_STREAMS, *worker_counts)
 
 
 @dataclass(frozen=True)

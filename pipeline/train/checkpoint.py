@@ -173,8 +173,9 @@ class FolderCheckpoints:
         done = self.complete()
         return done[-1] if done else None
 
-    def peek(self) -> TrainState | None:
-        uri = self.latest()
+    def peek(self, uri: str | None = None) -> TrainState | None:
+        """The ``state.json`` of ``uri`` (default: the newest complete checkpoint)."""
+        uri = uri or self.latest()
         return TrainState.from_json(self.storage.read_text(join(uri, STATE))) if uri else None
 
     def save(self, engines: dict[str, Any], state: TrainState, metrics: dict[str, Any]) -> None:
@@ -197,8 +198,9 @@ class FolderCheckpoints:
                 rel = os.path.relpath(path, local).replace(os.sep, "/")
                 self.storage.put_file(path, join(uri, rel))
 
-    def restore(self, engines: dict[str, Any]) -> TrainState | None:
-        uri = self.latest()
+    def restore(self, engines: dict[str, Any], uri: str | None = None) -> TrainState | None:
+        """Load ``uri`` (default: the newest complete checkpoint) into ``engines``."""
+        uri = uri or self.latest()
         if uri is None:
             return None
         with tempfile.TemporaryDirectory(prefix="restore-") as tmp:
@@ -230,6 +232,7 @@ class RayCheckpoints:
         # resumed): Ray will not delete them, so rank 0 does once they fall out of the newest
         # ``keep``.
         self._unregistered: list[str] = []
+        self._source: tuple[str, Any] | tuple[()] | None = None  # _resume_from, once decided
 
     def save(self, engines: dict[str, Any], state: TrainState, metrics: dict[str, Any]) -> None:
         import ray.train
@@ -255,45 +258,49 @@ class RayCheckpoints:
             self.bucket.storage.rm(uri, recursive=True)
             self._unregistered.remove(uri)
 
-    def _newer_in_bucket(self, ckpt: Any) -> bool:
-        """Whether the bucket holds a complete checkpoint newer than Ray's ``ckpt``."""
-        if self.bucket is None:
-            return False
-        newest = self.bucket.latest()
-        if newest is None:
-            return False
+    def _resume_from(self) -> tuple[str, Any] | None:
+        """Where this run resumes from, decided once: ``("bucket", uri)`` when the bucket holds
+        a complete checkpoint newer than Ray's newest registered one (or Ray has none),
+        ``("ray", checkpoint)``, or None for a fresh start."""
+        if self._source is not None:
+            return self._source or None
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
         registered = step_of(ckpt.path) if ckpt is not None else -1
-        if step_of(newest) > registered:
-            log.info("resuming from %s (Ray Train's newest registered: %s)", newest,
+        done = self.bucket.complete() if self.bucket is not None else []
+        if done and step_of(done[-1]) > registered:
+            log.info("resuming from %s (Ray Train's newest registered: %s)", done[-1],
                      ckpt.path if ckpt else None)
             if ckpt is not None:
-                self._unregistered = [u for u in self.bucket.complete()
-                                      if step_of(u) > registered]
-            return True
-        return False
+                self._unregistered = [u for u in done if step_of(u) > registered]
+            self._source = ("bucket", done[-1])
+        else:
+            self._source = ("ray", ckpt) if ckpt is not None else ()
+        return self._source or None
 
     def restore(self, engines: dict[str, Any]) -> TrainState | None:
         import ray.train
 
-        ckpt = ray.train.get_checkpoint()
-        if self._newer_in_bucket(ckpt):
-            return self.bucket.restore(engines)
-        if ckpt is None:
+        source = self._resume_from()
+        if source is None:
             return None
+        kind, where = source
+        if kind == "bucket":
+            return self.bucket.restore(engines, where)
         ctx = ray.train.get_context()
-        with ckpt.as_directory() as folder:
+        with where.as_directory() as folder:
             return load_folder(folder, engines, ctx.get_world_rank(), ctx.get_world_size(),
-                               ckpt.path)
+                               where.path)
 
     def peek(self) -> TrainState | None:
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        if self._newer_in_bucket(ckpt):
-            return self.bucket.peek()
-        if ckpt is None:
+        source = self._resume_from()
+        if source is None:
             return None
-        with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{STATE}") as fh:
+        kind, where = source
+        if kind == "bucket":
+            return self.bucket.peek(where)
+        with where.filesystem.open_input_stream(f"{where.path}/{STATE}") as fh:
             return TrainState.from_json(fh.read().decode())
 
     def latest(self) -> str | None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.data.loader import DEFAULT_STREAMS
+from pipeline.data.loader import stream_count
 from pipeline.faults import Fault, die_if_due
 from pipeline.progress import progress_uri, record
 from pipeline.seeds import derive
@@ -150,7 +149,7 @@ def resolve(cfg: TrainConfig, ctx: TrainContext, saved: TrainState | None) -> Tr
     if accum != cfg.grad_accum and ctx.is_main:
         log.info("global batch %d on %d workers: grad_accum %d (config %d)", target, ctx.world,
                  accum, cfg.grad_accum)
-    streams = cfg.data_streams or math.lcm(DEFAULT_STREAMS, ctx.world, *cfg.worker_counts())
+    streams = stream_count(cfg.data_streams, ctx.world, *cfg.worker_counts())
     return dataclasses.replace(cfg, num_workers=ctx.world, grad_accum=accum,
                                data_streams=streams)
 
