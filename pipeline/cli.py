@@ -1,5 +1,6 @@
-"""Command line: ``python -m pipeline {run,status,report} CONFIG [key=value ...]`` and
-``python -m pipeline sample RUN_URI [options] --out DIR``.
+"""Command line: ``python -m pipeline {run,status,report} CONFIG [key=value ...]``,
+``python -m pipeline sample RUN_URI [options] --out DIR`` and
+``python -m pipeline import-taming REF.yaml [--out FILE]``.
 
 One entry function per command. Exit codes: 0 success, 1 a stage failed, 2 bad usage or config
 (nothing written).
@@ -179,6 +180,26 @@ def cmd_status(args: argparse.Namespace, pipe: Pipeline) -> int:
     return 0
 
 
+def cmd_import_taming(args: argparse.Namespace, pipe: Pipeline) -> int:
+    """Convert a taming-transformers config into ours (pipeline.importer); the result is
+    validated as `run` would load it, then written to --out or printed."""
+    from pipeline.importer import import_taming, read_reference, validate_text
+
+    imported = import_taming(read_reference(args.reference), source=args.reference,
+                             name=args.run, num_workers=args.num_workers)
+    text = imported.to_yaml()
+    validate_text(text, pipe.schema)
+    if args.out is None:
+        print(text, end="")
+        return 0
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    log.info("wrote %s (from %s)", args.out, args.reference)
+    print(args.out)
+    return 0
+
+
 def build_parser(stage_names: Sequence[str]) -> argparse.ArgumentParser:
     stages_help = ", ".join(stage_names)
     parser = argparse.ArgumentParser(
@@ -260,6 +281,20 @@ def build_parser(stage_names: Sequence[str]) -> argparse.ArgumentParser:
                         help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS defaults)")
     sample.add_argument("--region", default=None)
     sample.set_defaults(func=cmd_sample)
+
+    imp = sub.add_parser(
+        "import-taming", help="convert a taming-transformers config yaml into ours",
+        description="Read a taming-transformers config (a VQModel first stage, or a "
+                    "Net2NetTransformer with its first stage) and write the pipeline config of "
+                    "the same setup, each value commented with the reference key it came from. "
+                    "Keys it cannot map are refused (exit 2, the key named); the result is "
+                    "validated as `run` loads configs. Without --out it is printed.")
+    imp.add_argument("reference", metavar="REF.yaml", help="the reference's config file")
+    imp.add_argument("--out", metavar="FILE", help="write the config here (default: stdout)")
+    imp.add_argument("--run", metavar="NAME", help="the run name (default: from REF's name)")
+    imp.add_argument("--num-workers", type=int, metavar="N",
+                     help="GPUs to train on (default: lightning.trainer.gpus, else 8)")
+    imp.set_defaults(func=cmd_import_taming)
     return parser
 
 

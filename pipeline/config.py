@@ -10,6 +10,9 @@ Conventions for config dataclasses:
 
 - a field with ``metadata={"fingerprint": False}`` does not change a stage's result (logging
   cadence, worker counts) and is left out of the stage fingerprint;
+- a field made with :func:`fingerprint_unless_default` (an option added after a stage shipped)
+  is left out of the fingerprint while it holds its default, so adding it keeps the
+  fingerprints, and hence the finished outputs, of every existing config;
 - a ``validate(self)`` method may raise :class:`ConfigError` with a key relative to its section.
 """
 
@@ -45,6 +48,30 @@ class ConfigError(ValueError):
 def no_fingerprint(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
     """A dataclass field that does not change a stage's outputs (kept out of its fingerprint)."""
     return field(default=default, metadata={"fingerprint": False}, **kwargs)
+
+
+# The ``fingerprint`` metadata value of fields made by fingerprint_unless_default.
+_UNLESS_DEFAULT = "unless_default"
+
+
+def fingerprint_unless_default(**kwargs: Any) -> Any:
+    """A dataclass field (``default=`` or ``default_factory=``) that is part of the fingerprint
+    only when it differs from its default: the way to add an option to a shipped stage without
+    re-running what every existing config already produced."""
+    return field(metadata={"fingerprint": _UNLESS_DEFAULT}, **kwargs)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _in_fingerprint(section: Any, f: dataclasses.Field) -> bool:
+    mode = f.metadata.get("fingerprint", True)
+    if mode == _UNLESS_DEFAULT:
+        return getattr(section, f.name) != _field_default(f)
+    return bool(mode)
 
 
 @dataclass
@@ -236,12 +263,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def fingerprint_view(section: Any) -> Any:
-    """The parts of a section that change results: fields marked ``fingerprint=False`` dropped."""
+    """The parts of a section that change results: fields marked ``fingerprint=False`` dropped,
+    and :func:`fingerprint_unless_default` fields dropped while they hold their default."""
     if dataclasses.is_dataclass(section):
         return {
             f.name: fingerprint_view(getattr(section, f.name))
             for f in dataclasses.fields(section)
-            if f.metadata.get("fingerprint", True)
+            if _in_fingerprint(section, f)
         }
     if isinstance(section, (list, tuple)):
         return [fingerprint_view(v) for v in section]

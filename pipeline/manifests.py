@@ -141,10 +141,31 @@ class ShardTotals(Record):
 
 
 @dataclass(frozen=True)
+class ShardCondition(Record):
+    """shard: the condition map every sample carries as ``{key}.<member>`` (README, "Paired
+    conditions"); read one with :func:`pipeline.data.conditions.condition_array`."""
+
+    kind: str  # segmentation | depth (given) | canny | grayscale | downsample (derived)
+    member: str  # the WebDataset member suffix: "cond.png"
+    given: bool  # read from `source`, else computed from the image
+    source: str | None  # given kinds: the condition folder URI, or "column:NAME" of a file list
+    classes: int | None  # segmentation: class ids are 0..classes-1
+    factor: int | None  # downsample: the image shrunk by this factor
+    sigma: float | None  # canny: Gaussian sigma
+    channels: int  # 1 (L / I;16) or 3 (RGB)
+    size: tuple[int, int]  # stored (height, width)
+    bit_depth: int  # bits per channel: 16 for depth, else 8
+    resample: str  # how the map reached its size: nearest | bilinear | bicubic | none
+    paired: int  # samples holding a condition (every sample of the run)
+    skipped: dict[str, int]  # condition_* reason -> inputs skipped (also in ShardOutputs.skipped)
+
+
+@dataclass(frozen=True)
 class ShardOutputs(Record):
     """shard: WebDataset image shards per split, the class list, what was skipped and why."""
 
     STAGE: ClassVar[str] = "shard"
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("condition",)
 
     source: str
     resolution: int
@@ -161,6 +182,8 @@ class ShardOutputs(Record):
     shards_reused: int = 0
     images_per_s: float | None = None
     seconds: float = 0.0
+    # The paired condition of every sample; None (left out) when shard.condition.kind is none.
+    condition: ShardCondition | None = None
 
     def uris(self, split: str) -> list[str]:
         """The split's shards that hold samples, in manifest order (what readers iterate)."""
@@ -183,6 +206,12 @@ class VQGANOutputs(Record):
     images: list[str] = field(default_factory=list)
     checkpoint: str | None = None
     perceptual_backbone: str = "-"
+    # Codebook health of the last logged training window (codebook/window_usage, dead_codes,
+    # window_perplexity over the steps since the log before it, summed over ranks).
+    train_codebook: dict[str, float] = field(default_factory=dict)
+    # What eval's "rfid" figures are (tool, weights sha256, image counts), or why they are absent
+    # ({"status": "absent", "reason": ...}); empty in manifests from before rFID.
+    rfid: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -280,8 +309,11 @@ class SampleOutputs(Record):
     options: dict[str, Any]
     highres: HighRes | None = None
     classifier: dict[str, Any] | None = None
+    # FID of the samples against the training images: value, tool, weights sha256, image counts;
+    # or {"status": "absent", "reason": ...}. None in manifests from before FID.
+    fid: dict[str, Any] | None = None
 
 
 __all__ = ["Export", "ExportRef", "GPTOutputs", "HighRes", "ManifestError", "Record",
-           "SampleOutputs", "ShardFile", "ShardOutputs", "ShardTotals", "SplitCounts",
-           "TokenizeOutputs", "VQGANOutputs"]
+           "SampleOutputs", "ShardCondition", "ShardFile", "ShardOutputs", "ShardTotals",
+           "SplitCounts", "TokenizeOutputs", "VQGANOutputs"]

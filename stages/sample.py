@@ -7,6 +7,8 @@ high-resolution PNGs, and ``highres/highres.png`` stacking them), ``samples.json
 holds which class, the options) and, for class-conditional runs, the classifier check: a simple
 classifier fitted on the real training images (:mod:`pipeline.classifier`) labels the generated
 images; the share it assigns to the class they were generated for is ``classifier.accuracy``.
+``fid`` is the samples' FID against the real training images (:mod:`pipeline.fid`; absent, with
+the reason, when turned off or without Inception weights).
 
 The work runs in one Ray task (a GPU when ``use_gpu``), so on a cluster it lands on a worker
 node, not the driver. Outputs are a function of the config and the run's seed: a rerun after a
@@ -22,6 +24,7 @@ from typing import Any
 
 from pipeline.config import ConfigError, no_fingerprint
 from pipeline.dag import Stage, StageContext
+from pipeline.fid import FIDConfig
 from pipeline.manifests import HighRes, SampleOutputs, ShardOutputs
 from pipeline.seeds import derive
 from pipeline.storage import Storage, join
@@ -42,6 +45,9 @@ class SampleConfig:
     highres_n: int = 2  # high-resolution samples (classes taken in turn)
     classifier: bool = True  # fit a classifier on the real images, score the generated ones
     classifier_images: int = 5000  # real training images it sees at most
+    # FID of the samples vs the training images (at most fid.images of each); measurement
+    # only, outside the fingerprint.
+    fid: FIDConfig = no_fingerprint(default_factory=FIDConfig)
     batch_size: int = no_fingerprint(64)
     use_gpu: bool = no_fingerprint(False)
     num_cpus: float = no_fingerprint(2.0)
@@ -101,6 +107,24 @@ def check_with_classifier(storage: Storage, train: list[str], val: list[str], si
     return result
 
 
+def sample_fid(cfg: FIDConfig, storage: Storage, images: Any, train: list[str],
+               device: Any) -> dict[str, Any]:
+    """FID of the generated ``images`` ([N, 3, H, W] in [-1, 1]) against real training images
+    center-cropped to their size, at most ``cfg.images`` of each; or the absent record."""
+    import torch
+
+    from pipeline.fid import fid, open_inception
+
+    inception, absent = open_inception(cfg, storage, device, "[sample] FID")
+    if inception is None:
+        return absent
+    # Evenly spaced, not the first ones: samples are class-major, a prefix would miss classes.
+    images = images[torch.linspace(0, len(images) - 1, min(len(images), cfg.images)).round()
+                    .long()]
+    real = (x for x, _ in real_batches(storage, train, int(images.shape[-1]), cfg.images))
+    return fid(inception, images.split(cfg.batch_size), real, cfg.images, "training images")
+
+
 def sample_task(cfg: SampleConfig, storage: Storage, uri: str, models: Any, data: dict[str, Any],
                 seed: int) -> SampleOutputs:
     """Everything the stage computes; runs in a Ray task (or inline)."""
@@ -148,12 +172,13 @@ def sample_task(cfg: SampleConfig, storage: Storage, uri: str, models: Any, data
         classifier = check_with_classifier(
             storage, data["train"], data["val"], int(out.images.shape[-1]),
             cfg.classifier_images, n_classes, out.images, labels, seed)
+    fid = sample_fid(cfg.fid, storage, out.images, data["train"], device)
     result = SampleOutputs(
         grid_png=grid_uri, samples_dir=join(uri, "samples"), n=n,
         n_per_class=cfg.n if n_classes else None, classes=models.classes,
         code_grid=models.grid, image_size=tuple(out.images.shape[-2:]),
         sampling_seconds=round(out.seconds, 3), tokens_per_s=round(out.tokens_per_s, 1),
-        options=cfg.options().to_dict(), highres=highres, classifier=classifier)
+        options=cfg.options().to_dict(), highres=highres, classifier=classifier, fid=fid)
     storage.write_json(join(uri, "samples.json"), {**result.to_dict(), "files": index})
     return result
 
@@ -185,6 +210,8 @@ def run(ctx: StageContext) -> SampleOutputs:
     ctx.tracker.log_images({k: _local_copy(ctx.storage, v) for k, v in images.items()})
     if result.classifier:
         ctx.tracker.summary({"sample/classifier_accuracy": result.classifier["accuracy"]})
+    if result.fid and result.fid.get("status") == "ok":
+        ctx.tracker.summary({"sample/fid": result.fid["value"]})
     return result
 
 
@@ -213,6 +240,12 @@ def report(outputs: SampleOutputs) -> dict[str, Any]:
         metrics["classifier accuracy on samples"] = f"{clf['accuracy']:.1%}"
         if "real_val" in clf:
             metrics["classifier accuracy on real val images"] = f"{clf['real_val']['accuracy']:.1%}"
+    if outputs.fid and outputs.fid.get("status") == "ok":
+        f = outputs.fid
+        metrics["FID vs training images"] = (f"{f['value']:.4g} ({f['images']} samples vs "
+                                             f"{f['reference_images']} training images)")
+    elif outputs.fid:
+        metrics["FID vs training images"] = f"absent: {outputs.fid.get('reason', '?')}"
     return {"images": images, "metrics": metrics}
 
 

@@ -2,7 +2,8 @@
 
 Layout of the stage folder::
 
-    train/shard-000000.tar …   samples {key}.{jpg|png|webp}, {key}.cls (labelled data), {key}.json
+    train/shard-000000.tar …   samples {key}.{jpg|png|webp}, {key}.cls (labelled data), {key}.json,
+                               {key}.cond.png (with shard.condition; pipeline.data.conditions)
     val/shard-000000.tar …
     skipped.jsonl              one record per input that did not become a sample, sorted by key
     _parts/train/shard-000000.json …  per-shard stats + skip records (written after the tar)
@@ -23,27 +24,48 @@ shards are finalized (an interrupted run, for the kill-and-resume tests; :mod:`p
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.config import ConfigError, no_fingerprint
+from pipeline.config import ConfigError, fingerprint_unless_default, no_fingerprint
 from pipeline.dag import Stage, StageContext
 from pipeline.data import builtin, wds
+from pipeline.data.conditions import (
+    COLUMN_PREFIX,
+    COND,
+    CONDITION_MISSING,
+    CONDITION_REASONS,
+    CONDITION_UNREADABLE,
+    GIVEN,
+    MAX_CLASSES,
+    NONE,
+    ConditionRejected,
+    ConditionSpec,
+    condition_index,
+    derived_condition,
+    given_condition,
+    pair_folder,
+    parse_kind,
+    split_unpaired,
+)
 from pipeline.data.images import (
     EXTS,
     MISSING,
     UNREADABLE,
     ImageRejected,
     ImageSpec,
-    finish,
-    process_image,
+    decode_square,
+    encode,
+    square,
 )
 from pipeline.data.sources import (
+    IMAGE_EXTS,
     LABEL_MODES,
     NO_LABEL,
     Item,
@@ -54,7 +76,7 @@ from pipeline.data.sources import (
     source_kind,
 )
 from pipeline.faults import planned
-from pipeline.manifests import ShardFile, ShardOutputs, ShardTotals
+from pipeline.manifests import ShardCondition, ShardFile, ShardOutputs, ShardTotals
 from pipeline.ray_tasks import ShardProgress, images_per_s, run_calls, split_counts, worker_count
 from pipeline.storage import (
     Storage,
@@ -63,6 +85,9 @@ from pipeline.storage import (
     normalize_root,
     remove_strays,
 )
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger("pipeline")
 
@@ -73,6 +98,50 @@ SKIPPED = "skipped.jsonl"
 _ONE_PROCESS = {"stage": "shard",
                 "command": "python -m pipeline run CONFIG --no-ray --until shard"}
 _HASH_CHUNK = 256  # inputs per dedup hashing task
+
+
+@dataclass
+class ConditionConfig:
+    """Config section ``shard.condition`` (README, "Paired conditions"): a condition map stored
+    with every image as ``{key}.cond.png``; inputs without a usable one are skipped."""
+
+    # none | segmentation | depth (given: read from `source`) | canny | grayscale |
+    # downsample:N (derived from the image; N divides the resolution)
+    kind: str = NONE
+    # Given kinds: a folder mirroring a folder source (<source>/a/b.jpg ↔ <this>/a/b.png, any
+    # image extension), or column:NAME — a file-list source's column of condition paths.
+    source: str = ""
+    classes: int = 0  # segmentation: the class count; ids 0..classes-1 (at most 256)
+    sigma: float = 1.0  # canny: the Gaussian smoothing before edge detection
+
+    def validate(self) -> None:
+        try:
+            base, _ = parse_kind(self.kind)
+        except ValueError as e:
+            raise ConfigError("kind", str(e)) from None
+        if base in GIVEN and not self.source:
+            raise ConfigError("source", f"{base} conditions are read from files: set a folder "
+                                        f"URI or {COLUMN_PREFIX}NAME (a file list's column)")
+        if base not in GIVEN and self.source:
+            raise ConfigError("source", f"only segmentation and depth conditions are read from "
+                                        f"files; kind {self.kind!r} takes no source")
+        if self.source.startswith(COLUMN_PREFIX) and not self.column:
+            raise ConfigError("source", f"{COLUMN_PREFIX}NAME needs a column name")
+        if base == "segmentation" and not 2 <= self.classes <= MAX_CLASSES:
+            raise ConfigError("classes", f"segmentation needs the class count, 2..{MAX_CLASSES} "
+                                         f"(label maps are 8-bit), got {self.classes}")
+        if base != "segmentation" and self.classes:
+            raise ConfigError("classes", f"only segmentation conditions have classes (kind "
+                                         f"{self.kind!r})")
+        if self.sigma <= 0:
+            raise ConfigError("sigma", f"must be > 0, got {self.sigma}")
+
+    @property
+    def column(self) -> str | None:
+        """The file-list column of ``source = column:NAME``, else None."""
+        if not self.source.startswith(COLUMN_PREFIX):
+            return None
+        return self.source[len(COLUMN_PREFIX):].strip() or None
 
 
 @dataclass
@@ -98,6 +167,9 @@ class ShardConfig:
     jpeg_draft: bool = True  # decode JPEGs at a reduced scale still >= resolution (faster)
     num_workers: int = no_fingerprint(0)  # max concurrent tasks; 0: the cluster's CPUs
     progress: bool = no_fingerprint(True)
+    # Added after the stage shipped: in the fingerprint only when set (kind none keeps the
+    # fingerprints, hence the finished shards, of every earlier config).
+    condition: ConditionConfig = fingerprint_unless_default(default_factory=ConditionConfig)
 
     def validate(self) -> None:
         if not self.source:
@@ -131,6 +203,36 @@ class ShardConfig:
             raise ConfigError("max_pixels", f"must be >= 1, got {self.max_pixels}")
         if self.num_workers < 0:
             raise ConfigError("num_workers", f"must be >= 0 (0: all CPUs), got {self.num_workers}")
+        self._validate_condition(kind)
+
+    def _validate_condition(self, source_kind: str) -> None:
+        """What ``condition`` needs from the rest of the section (its own checks ran first)."""
+        base, factor = parse_kind(self.condition.kind)
+        if base == "downsample" and self.resolution % factor:
+            raise ConfigError("condition.kind", f"downsample:{factor} needs a factor that "
+                                                f"divides resolution {self.resolution}")
+        if base not in GIVEN:
+            return
+        if source_kind == "builtin":
+            raise ConfigError("condition.source", f"builtin sources have no {base} files; use a "
+                                                  f"derived kind (canny, grayscale, "
+                                                  f"downsample:N)")
+        if self.condition.column and source_kind != "file_list":
+            raise ConfigError("condition.source", f"{self.condition.source!r} names a column: "
+                                                  f"shard.source must be a file list")
+        if not self.condition.column and source_kind != "folder":
+            raise ConfigError("condition.source", "a condition folder pairs with a folder "
+                                                  "source by relative path; with a file list "
+                                                  f"use {COLUMN_PREFIX}NAME")
+
+    def condition_spec(self) -> ConditionSpec | None:
+        """What the stored conditions are; None without a condition (kind none)."""
+        base, factor = parse_kind(self.condition.kind)
+        if base == NONE:
+            return None
+        return ConditionSpec(kind=base, resolution=self.resolution, factor=factor,
+                             classes=self.condition.classes, sigma=self.condition.sigma,
+                             max_pixels=self.max_pixels)
 
     def image_spec(self) -> ImageSpec:
         min_size = self.min_size if self.min_size is not None else max(1, self.resolution // 2)
@@ -200,10 +302,12 @@ def plan_shards(stage_uri: str, assignment: dict[str, list[list[Item]]]) -> list
 
 
 def items_digest(items: tuple[Item, ...] | list[Item]) -> str:
-    """sha256 of what a shard (or a hash cache) was made from: keys, URIs and labels in order."""
+    """sha256 of what a shard (or a hash cache) was made from: keys, URIs, labels and paired
+    condition files in order (items without a condition file hash as before conditions)."""
     h = hashlib.sha256()
     for it in items:
-        h.update(f"{it.key}\0{it.uri}\0{it.label}\n".encode())
+        cond = "" if it.cond is None else f"\0{it.cond}"
+        h.update(f"{it.key}\0{it.uri}\0{it.label}{cond}\n".encode())
     return h.hexdigest()
 
 
@@ -259,9 +363,34 @@ def _content_hashes(ctx: StageContext, items: list[Item], workers: int) -> dict[
 # -- one shard (Ray task) ---------------------------------------------------------------------
 
 
-def make_sample(item: Item, storage: Storage, spec: ImageSpec
+def make_condition(item: Item, storage: Storage, cond: ConditionSpec, img: Image.Image,
+                   size: tuple[int, int]) -> tuple[bytes, dict[str, Any]]:
+    """The stored condition of an input whose image became ``img`` (the square, not encoded)
+    from a source of displayed ``size``: (PNG bytes, fields for the sample's json).
+
+    Raises ConditionRejected (a given condition file missing, unreadable or mismatched).
+    """
+    if not cond.given:
+        return derived_condition(img, cond), {}
+    if not item.cond:
+        raise ConditionRejected(CONDITION_MISSING, "no condition file is paired with the input")
+    try:
+        raw = storage.read_bytes(item.cond)
+    except FileNotFoundError:
+        raise ConditionRejected(CONDITION_MISSING, f"{item.cond} does not exist") from None
+    except (IsADirectoryError, PermissionError) as e:
+        raise ConditionRejected(CONDITION_UNREADABLE, f"{item.cond}: {type(e).__name__}") from None
+    data, (width, height) = given_condition(raw, size, cond)
+    return data, {"condition": item.cond, "condition_width": width, "condition_height": height}
+
+
+def make_sample(item: Item, storage: Storage, spec: ImageSpec, cond: ConditionSpec | None = None
                 ) -> tuple[dict[str, Any] | None, tuple[str, str] | None]:
-    """One input → (WebDataset sample, None) or (None, (reason, detail)) when it is skipped."""
+    """One input → (WebDataset sample, None) or (None, (reason, detail)) when it is skipped.
+
+    With ``cond`` the sample also holds ``{key}.cond.png``; the image is checked first, so an
+    input with a bad image is skipped for the image's reason.
+    """
     try:
         raw = load_item(item, storage)
     except FileNotFoundError:
@@ -270,15 +399,20 @@ def make_sample(item: Item, storage: Storage, spec: ImageSpec
         return None, (UNREADABLE, type(e).__name__)
     try:
         if isinstance(raw, bytes):
-            p = process_image(raw, spec)
-            data, width, height = p.data, p.width, p.height
+            img, (width, height) = decode_square(raw, spec)
         else:  # builtin items are trusted images, not files: no size checks
-            data, (width, height) = finish(raw, spec), raw.size
+            img, (width, height) = square(raw, spec), raw.size
     except ImageRejected as r:
         return None, (r.reason, r.detail)
-    meta = {"source": item.uri, "width": width, "height": height}
-    sample: dict[str, Any] = {"__key__": item.key, spec.ext: data,
-                              "json": json.dumps(meta, sort_keys=True).encode()}
+    meta: dict[str, Any] = {"source": item.uri, "width": width, "height": height}
+    sample: dict[str, Any] = {"__key__": item.key, spec.ext: encode(img, spec.ext, spec.quality)}
+    if cond is not None:
+        try:
+            sample[COND], extra = make_condition(item, storage, cond, img, (width, height))
+        except ConditionRejected as r:
+            return None, (r.reason, r.detail)
+        meta.update(extra)
+    sample["json"] = json.dumps(meta, sort_keys=True).encode()
     if item.label != NO_LABEL:
         sample["cls"] = str(item.label).encode()
     return sample, None
@@ -289,8 +423,8 @@ def _skip_record(shard: ShardSpec, item: Item, reason: str, detail: str) -> dict
             "split": shard.split, "shard": shard.name}
 
 
-def _reuse_finalized(shard: ShardSpec, spec: ImageSpec, storage: Storage
-                     ) -> dict[str, Any] | None:
+def _reuse_finalized(shard: ShardSpec, spec: ImageSpec, storage: Storage,
+                     cond: ConditionSpec | None = None) -> dict[str, Any] | None:
     """Stats of an already finalized shard, or None when it must be written again.
 
     The sidecar is trusted when it describes these inputs and the tar's size. Without one (the
@@ -317,7 +451,7 @@ def _reuse_finalized(shard: ShardSpec, spec: ImageSpec, storage: Storage
     for it in shard.items:
         if it.key in present:
             continue
-        sample, why = make_sample(it, storage, spec)
+        sample, why = make_sample(it, storage, spec, cond)
         if why is None:
             return None
         skipped.append(_skip_record(shard, it, *why))
@@ -333,7 +467,8 @@ def _stats(shard: ShardSpec, digest: str, samples: int, size: int, sha: str,
             "skipped": skipped}
 
 
-def write_shard(shard: ShardSpec, spec: ImageSpec, storage: Storage) -> dict[str, Any]:
+def write_shard(shard: ShardSpec, spec: ImageSpec, storage: Storage,
+                cond: ConditionSpec | None = None) -> dict[str, Any]:
     """Ray task body: write one shard (or reuse it if finalized); returns its stats.
 
     Stats: split, index, name, uri, samples, bytes, sha256, items_digest, skipped (records),
@@ -341,14 +476,14 @@ def write_shard(shard: ShardSpec, spec: ImageSpec, storage: Storage) -> dict[str
     """
     t0 = time.perf_counter()
     if storage.exists(shard.uri):
-        stats = _reuse_finalized(shard, spec, storage)
+        stats = _reuse_finalized(shard, spec, storage, cond)
         if stats is not None:
             return {**stats, "cached": True, "seconds": time.perf_counter() - t0}
     skipped: list[dict[str, Any]] = []
     samples = 0
     with storage.open_atomic(shard.uri) as fh, wds.shard_writer(fh) as (tar, sink):
         for item in shard.items:
-            sample, why = make_sample(item, storage, spec)
+            sample, why = make_sample(item, storage, spec, cond)
             if why is not None:
                 skipped.append(_skip_record(shard, item, *why))
                 continue
@@ -364,26 +499,29 @@ def write_shard(shard: ShardSpec, spec: ImageSpec, storage: Storage) -> dict[str
 
 
 def _run_shard_tasks(ctx: StageContext, specs: list[ShardSpec], spec: ImageSpec,
-                     workers: int) -> list[dict[str, Any]]:
+                     cond: ConditionSpec | None, workers: int) -> list[dict[str, Any]]:
     """One task per shard, at most ``workers`` at a time, with a progress bar; results in spec
     order."""
     with ShardProgress("shard", len(specs), ctx.tracker, ctx.cfg.progress,
                        planned("shard")) as progress:
-        return run_calls(write_shard, [(s, spec, ctx.storage) for s in specs], workers,
+        return run_calls(write_shard, [(s, spec, ctx.storage, cond) for s in specs], workers,
                          lambda i, result: progress.done(result["samples"]), local=ctx.local,
                          **_ONE_PROCESS)
 
 
-def _warm_up(source: str) -> None:
+def _warm_up(source: str, canny: bool = False) -> None:
     """Ray task: import and load what shard tasks need while the driver lists the source.
 
     A fresh worker spends seconds importing webdataset (which imports torch) and, for builtin
-    sources, scikit-learn / scikit-image; doing it now overlaps that with the listing.
+    sources or canny conditions, scikit-learn / scikit-image; doing it now overlaps that with
+    the listing.
     """
     import webdataset  # noqa: F401
 
     if source_kind(source) == "builtin":
         builtin.preload(source)
+    if canny:
+        import skimage.feature  # noqa: F401
 
 
 def _absolute(source: str) -> str:
@@ -391,6 +529,44 @@ def _absolute(source: str) -> str:
     if source.startswith("builtin:") or not is_local(source):
         return source
     return normalize_root(source)
+
+
+def pair_conditions(cfg: ShardConfig, source: str, storage: Storage, listing: Listing
+                    ) -> Listing:
+    """The listing with every input paired with its given condition file; inputs without one
+    move to ``rejected`` (``condition_missing``). Derived kinds and kind none: unchanged.
+
+    Raises ValueError when no input has a condition file (a wrong ``condition.source``).
+    """
+    c = cfg.condition
+    if parse_kind(c.kind)[0] not in GIVEN:
+        return listing
+    if c.column:
+        items, missing = split_unpaired(listing.items, c.column)
+    else:
+        cond_root = _absolute(c.source)
+        index = condition_index(cond_root, storage.walk_files(cond_root), IMAGE_EXTS)
+        items, missing = pair_folder(listing.items, source, cond_root, index)
+    if not items:
+        raise ValueError(f"shard.condition.source {c.source!r}: none of {len(listing.items)} "
+                         f"inputs has a condition file")
+    rejected = sorted(listing.rejected + missing, key=lambda r: (r["key"], r["source"]))
+    return dataclasses.replace(listing, items=items, rejected=rejected)
+
+
+def condition_record(cfg: ShardConfig, cond: ConditionSpec | None, samples: int,
+                     skipped: list[dict[str, Any]]) -> ShardCondition | None:
+    """The manifest's ``condition``: what every sample's ``{key}.cond.png`` is."""
+    if cond is None:
+        return None
+    counts = Counter(r["reason"] for r in skipped if r["reason"] in CONDITION_REASONS)
+    return ShardCondition(
+        kind=cond.kind, member=COND, given=cond.given, source=cfg.condition.source or None,
+        classes=cond.classes if cond.kind == "segmentation" else None,
+        factor=cond.factor if cond.kind == "downsample" else None,
+        sigma=cond.sigma if cond.kind == "canny" else None,
+        channels=cond.channels, size=(cond.side, cond.side), bit_depth=cond.bit_depth,
+        resample=cond.resample, paired=samples, skipped=dict(sorted(counts.items())))
 
 
 def _no_input_error(source: str, listing: Listing) -> ValueError:
@@ -405,16 +581,20 @@ def run(ctx: StageContext) -> ShardOutputs:
     seed = int(ctx.root_cfg.seed)
     source = _absolute(cfg.source)
     spec = cfg.image_spec()
+    cond = cfg.condition_spec()
 
     workers = worker_count(cfg.num_workers, "shard", ctx.local)
     warming = []
     if not ctx.local:
         import ray
 
-        warming = [ray.remote(num_cpus=1)(_warm_up).remote(source) for _ in range(workers)]
-    listing = list_source(source, storage, cfg.labels, seed)
+        canny = cond is not None and cond.kind == "canny"
+        warming = [ray.remote(num_cpus=1)(_warm_up).remote(source, canny)
+                   for _ in range(workers)]
+    listing = list_source(source, storage, cfg.labels, seed, cfg.condition.column)
     if not listing.items:
         raise _no_input_error(cfg.source, listing)
+    listing = pair_conditions(cfg, source, storage, listing)
     items, duplicates = listing.items, []
     if cfg.dedup:
         items, duplicates = find_duplicates(items, _content_hashes(ctx, items, workers))
@@ -424,7 +604,7 @@ def run(ctx: StageContext) -> ShardOutputs:
              workers)
 
     t0 = time.perf_counter()
-    results = _run_shard_tasks(ctx, specs, spec, workers)
+    results = _run_shard_tasks(ctx, specs, spec, cond, workers)
     seconds = time.perf_counter() - t0
     if warming:
         import ray
@@ -465,6 +645,7 @@ def run(ctx: StageContext) -> ShardOutputs:
         shards_reused=len(results) - len(fresh),
         images_per_s=speed,
         seconds=round(seconds, 3),
+        condition=condition_record(cfg, cond, total, skipped),
     )
     ctx.tracker.summary({"shard/samples": total, "shard/train_samples": splits["train"].samples,
                          "shard/val_samples": splits["val"].samples,
@@ -479,12 +660,14 @@ def run(ctx: StageContext) -> ShardOutputs:
 def report(outputs: ShardOutputs) -> dict[str, Any]:
     """The report's section: counts and speed."""
     splits, totals = outputs.splits, outputs.totals
-    return {"metrics": {
+    metrics: dict[str, Any] = {
         "source": outputs.source, "resolution (px)": outputs.resolution,
         "classes": outputs.num_classes, "train samples": splits["train"].samples,
         "val samples": splits["val"].samples, "skipped inputs": totals.skipped,
-        "duplicates": totals.duplicates, "images/s": outputs.images_per_s or "-"},
-        "images": []}
+        "duplicates": totals.duplicates, "images/s": outputs.images_per_s or "-"}
+    if outputs.condition is not None:
+        metrics["condition"] = outputs.condition.kind
+    return {"metrics": metrics, "images": []}
 
 
 STAGE = Stage(

@@ -194,7 +194,7 @@ class GPTTask:
         data = spec.args["data"]
         self.cfg, self.ctx, self.spec, self.data = cfg, ctx, spec, data
         self.units_per_sample = data["length"]
-        self.base_lr = cfg.lr
+        self.base_lr = cfg.base_lr
         model = GPT(gpt_config(cfg, data)).to(ctx.device)
         if cfg.activation_checkpointing:
             checkpoint_blocks(model)

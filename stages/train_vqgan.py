@@ -2,8 +2,8 @@
 
 Reads the shard stage's train/val shards; writes Ray Train checkpoints (``train/checkpoint-*``),
 ``export/vqgan.pt`` + ``export/vqgan.json``, input|reconstruction grids (``images/``) and
-``eval.json`` (PSNR, SSIM, LPIPS, codebook usage and perplexity on the val shards, for the trained
-and for the untrained model).
+``eval.json`` (PSNR, SSIM, LPIPS, rFID, codebook usage and perplexity on the val shards, for the
+trained and for the untrained model).
 
 Per worker: two DeepSpeed engines (G = VQGAN, D = NLayerDiscriminator). The generator step computes
 the adaptive weight from gradients at the decoder output (one backward, see
@@ -15,6 +15,7 @@ ZeRO-2/3 assert).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -23,22 +24,27 @@ from typing import Any, ClassVar
 
 from pipeline.config import ConfigError, no_fingerprint
 from pipeline.dag import Stage, StageContext
+from pipeline.fid import FIDConfig
 from pipeline.manifests import Export, ShardOutputs, VQGANOutputs
 from pipeline.models.discriminator import DiscriminatorConfig
 from pipeline.models.loss import VQGANLossConfig
 from pipeline.models.vqgan import CONFIG_NAME, WEIGHTS_NAME, VQGANConfig
 from pipeline.storage import Storage, join
 from pipeline.train.config import TrainConfig
+from pipeline.train.history import read_history
 
 log = logging.getLogger("pipeline")
 
 
 @dataclass
 class PerceptualConfig:
-    """LPIPS weights. Nothing is downloaded at run time: give URIs, or say ``random``.
+    """LPIPS weights (pipeline.lpips_weights). Either part may be given as a URI:
 
-    ``vgg_weights``: a torchvision ``vgg16`` state dict (``features.N.*``);
-    ``lin_weights``: the LPIPS linear heads (the reference's ``vgg.pth``, keys ``linI.model.1.*``).
+    ``vgg_weights``: a torchvision ``vgg16`` state dict (``features.N.*``); unset: torchvision's
+    ImageNet VGG16 from the torch hub cache, downloaded into it once when missing (offline
+    without a cached copy: an error naming this key);
+    ``lin_weights``: the LPIPS linear heads (the reference's ``vgg.pth``, keys
+    ``linI.model.1.*``); unset: that file from the installed ``lpips`` wheel.
     ``backbone: random`` (random VGG, unit heads) is for offline demos and tests only.
     """
 
@@ -49,23 +55,31 @@ class PerceptualConfig:
     def validate(self) -> None:
         if self.backbone not in ("vgg16", "random"):
             raise ConfigError("backbone", f"must be vgg16 or random, got {self.backbone!r}")
-        if self.backbone == "vgg16" and not (self.vgg_weights and self.lin_weights):
-            raise ConfigError("vgg_weights", "backbone vgg16 needs vgg_weights and lin_weights "
-                              "URIs (no download at run time); set perceptual.backbone=random "
-                              "explicitly for an offline demo")
+
+
+REFERENCE_LR_PER_SAMPLE = 4.5e-6  # taming's base_learning_rate for every published VQGAN
 
 
 @dataclass
 class TrainVQGANConfig(TrainConfig):
     """TrainConfig (steps, batch, optimizer, ZeRO, workers...) plus the model and its losses."""
 
-    lr: float = 4.5e-6 * 8  # the reference: 4.5e-6 per sample of the global batch
+    # None: the reference's rule, 4.5e-6 per sample x the global batch (with either
+    # lr_scale_by_batch). Given: the step's rate, or with lr_scale_by_batch the per-sample one.
+    lr: float | None = None
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # the reference's Adam betas
-    lr_scale_by_batch: bool = False  # lr := lr × global batch (the reference's rule)
     model: VQGANConfig = field(default_factory=VQGANConfig)
     loss: VQGANLossConfig = field(default_factory=VQGANLossConfig)
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+    # rFID of the val reconstructions (pipeline.fid); measurement only, so outside the
+    # fingerprint: changing it does not retrain a finished stage.
+    fid: FIDConfig = no_fingerprint(default_factory=FIDConfig)
+    # Starting weights (pipeline.pretrained): a taming last.ckpt, our export's vqgan.pt or its
+    # folder. Loaded at a fresh start only (a resume takes its own checkpoint); with steps: 0
+    # the imported VQGAN is exported and evaluated as is, without training. The URI, not the
+    # file's content, is part of the fingerprint.
+    init_from: str | None = None
     RENAMED: ClassVar[dict[str, str]] = {"flip": "random_flip and random_crop"}
 
     # Augmentation of the training images (val and eval are center crops, unflipped).
@@ -79,7 +93,26 @@ class TrainVQGANConfig(TrainConfig):
     # convolution by ~1e-6 relative. Ignored on GPU and in bf16.
     winograd: bool = no_fingerprint(True)
 
+    @property
+    def base_lr(self) -> float:
+        if self.lr is None:
+            return REFERENCE_LR_PER_SAMPLE * self.global_batch
+        return super().base_lr
+
+    def lr_rule(self) -> str:
+        if self.lr is None:
+            return (f"the reference's {REFERENCE_LR_PER_SAMPLE:g} per sample x global batch "
+                    f"{self.global_batch}")
+        return super().lr_rule()
+
     def validate(self) -> None:
+        if self.steps == 0:
+            if not self.init_from:
+                raise ConfigError("steps", "must be >= 1, or 0 together with init_from (use a "
+                                  "pretrained VQGAN as it is, without training)")
+            # Pretrained mode: every other setting must still be what a training run accepts.
+            dataclasses.replace(self, steps=1).validate()
+            return
         super().validate()
         if self.zero_stage > 2:
             raise ConfigError("zero_stage", "the VQGAN trains with ZeRO 0-2 (two engines share "
@@ -98,18 +131,10 @@ def is_complete(outputs: VQGANOutputs, cfg: TrainVQGANConfig) -> bool:
 
 
 def build_lpips(cfg: PerceptualConfig, storage: Storage) -> Any:
-    import torch
+    """The frozen LPIPS; each weight part from its URI or its standard source (logged)."""
+    from pipeline import lpips_weights
 
-    from pipeline.models.lpips import LPIPS
-
-    lpips = LPIPS(cfg.backbone)
-    if cfg.backbone == "vgg16":
-        def load(uri: str) -> dict[str, Any]:
-            return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu",
-                              weights_only=True)
-
-        lpips.load_weights(load(cfg.vgg_weights), load(cfg.lin_weights))
-    return lpips
+    return lpips_weights.build_lpips(cfg.backbone, cfg.vgg_weights, cfg.lin_weights, storage)
 
 
 def micro_step(g: Any, d: Any, loss_fn: Any, x: Any, step: int) -> dict[str, Any]:
@@ -140,9 +165,10 @@ def micro_step(g: Any, d: Any, loss_fn: Any, x: Any, step: int) -> dict[str, Any
 
 
 def evaluate(model: Any, lpips: Any, storage: Storage, shards: list[str], size: int,
-             limit: int, batch: int = 16) -> dict[str, float]:
+             limit: int, batch: int = 16, rfid: Any = None) -> dict[str, float]:
     """Reconstruction metrics over (at most ``limit`` images of) ``shards``; fp32, no grad, on
-    the model's device."""
+    the model's device. With ``rfid`` (a :class:`pipeline.fid.PairedFID`) also ``rfid``: the
+    reconstructions' FID against the inputs (left out when too few images)."""
     import torch
 
     from pipeline.data.loader import eval_batches
@@ -154,10 +180,14 @@ def evaluate(model: Any, lpips: Any, storage: Storage, shards: list[str], size: 
     sums = {k: torch.zeros((), dtype=torch.float64, device=device)
             for k in ("psnr", "ssim", "lpips")}
     hist = torch.zeros(model.config.n_embed, dtype=torch.float64, device=device)
+    if rfid is not None:
+        rfid.begin()
     with torch.no_grad():
         for x, _ in eval_batches(storage, shards, batch, size, limit=limit):
             x = x.to(device, non_blocking=True)
             recon, quant = model(x)
+            if rfid is not None:
+                rfid.add(x, recon)
             sums["psnr"] += psnr(x, recon).double().sum()
             sums["ssim"] += ssim(x, recon).double().sum()
             if lpips is not None:
@@ -173,7 +203,9 @@ def evaluate(model: Any, lpips: Any, storage: Storage, shards: list[str], size: 
     if lpips is None:
         out.pop("lpips")
     out.update({"images": n, "codebook_usage": float((hist > 0).double().mean()),
-                "perplexity": math.exp(entropy)})
+                "perplexity": math.exp(entropy), "dead_codes": int((hist == 0).sum())})
+    if rfid is not None and (value := rfid.end()) is not None:
+        out["rfid"] = value
     return out
 
 
@@ -217,13 +249,20 @@ class VQGANTask:
         from pipeline.models.discriminator import NLayerDiscriminator
         from pipeline.models.loss import VQGANLoss
         from pipeline.models.vqgan import VQGAN
+        from pipeline.pretrained import describe, init_vqgan
         from pipeline.train.engine import make_engine
-        from pipeline.train.schedule import scaled_lr
 
         cfg: TrainVQGANConfig = spec.cfg
         self.cfg, self.ctx, self.spec = cfg, ctx, spec
         device = ctx.device
-        model, disc = VQGAN(cfg.model).to(device), NLayerDiscriminator(cfg.disc).to(device)
+        model, disc = VQGAN(cfg.model), NLayerDiscriminator(cfg.disc)
+        if cfg.init_from and not spec.resuming:  # a resume restores its own checkpoint instead
+            # Into the torch modules before DeepSpeed copies them (ZeRO's fp32 partitions), on
+            # every rank: all ranks start from the same weights.
+            got = init_vqgan(spec.storage, cfg.init_from, model, disc)
+            if ctx.is_main:
+                log.info("[train_vqgan] %s", describe(got, with_disc=True))
+        model, disc = model.to(device), disc.to(device)
         self.lpips = None
         if cfg.loss.perceptual_weight > 0:
             self.lpips = build_lpips(cfg.perceptual, spec.storage).to(device)
@@ -234,7 +273,7 @@ class VQGANTask:
         self.g = make_engine(model, cfg, ctx.world, extra=fp32)
         self.d = make_engine(disc, cfg, ctx.world, extra=fp32)
         self.engines = {"G": self.g, "D": self.d}
-        self.base_lr = scaled_lr(cfg.lr, cfg.global_batch) if cfg.lr_scale_by_batch else cfg.lr
+        self.base_lr = cfg.base_lr
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                                        enabled=cfg.precision == "bf16")
         vis_shards = spec.args["val"] or spec.args["train"]
@@ -271,6 +310,10 @@ class VQGANTask:
         apply_codebook_restarts(self.g)
         return logs
 
+    def window_logs(self) -> dict[str, float]:
+        """Codebook usage, dead codes and perplexity over the steps since the last log."""
+        return self.g.module.quantize.take_window_stats()
+
     def images(self, step: int, tracker: Any) -> None:
         if self.ctx.is_main:
             save_grid(self.g.module, self.vis, self.spec.storage, self.spec.uri, step, tracker)
@@ -285,27 +328,93 @@ class VQGANTask:
 def export(module: Any, cfg: TrainVQGANConfig, lpips: Any, storage: Storage, uri: str, seed: int,
            val: list[str], tracker: Any, state: Any, device: Any = "cpu") -> None:
     """Write export/vqgan.{pt,json} (fp32), then eval.json (trained vs untrained, evaluated on
-    ``device``), rank 0."""
+    ``device``; ``rfid``: what the rFID figures are, or why they are absent), rank 0."""
     import torch
 
+    from pipeline.fid import PairedFID, open_inception
     from pipeline.models.vqgan import VQGAN
 
     model = VQGAN(cfg.model)
     model.load_state_dict(module.export_state_dict())
     storage.write_bytes(join(uri, "export", WEIGHTS_NAME), model.state_bytes())
     storage.write_text(join(uri, "export", CONFIG_NAME), model.config_json())
+    inception, absent = open_inception(cfg.fid, storage, device, "[train_vqgan] rFID")
+    # One PairedFID for both models: the val inputs' features are computed once.
+    rfid = PairedFID(inception, cfg.fid.images, "val inputs") if inception is not None else None
     trained = evaluate(model.to(device), lpips, storage, val, cfg.model.resolution,
-                       cfg.eval_images)
+                       cfg.eval_images, rfid=rfid)
     torch.manual_seed(seed)
     untrained = evaluate(VQGAN(cfg.model).to(device), lpips, storage, val, cfg.model.resolution,
-                         cfg.eval_images)
+                         cfg.eval_images, rfid=rfid)
     result = {"step": state.step, "samples_seen": state.samples_seen, "trained": trained,
-              "untrained": untrained}
+              "untrained": untrained, "rfid": rfid.record() if rfid is not None else absent}
     storage.write_json(join(uri, "eval.json"), result)
     tracker.summary({f"eval/{k}": v for k, v in trained.items()})
 
 
 # -- driver side ----------------------------------------------------------------------------------
+
+
+def export_pretrained(cfg: TrainVQGANConfig, storage: Storage, uri: str, seed: int,
+                      shards: list[str]) -> str:
+    """Pretrained mode (``steps: 0``): the ``init_from`` VQGAN, not trained further, exported
+    and evaluated on ``shards`` (val, else train) as a training run's end would (``export/``,
+    ``eval.json`` at step 0), plus one input | reconstruction grid, whose URI it returns. One
+    process, on a GPU with ``use_gpu``."""
+    import torch
+
+    from pipeline.data.loader import eval_batches
+    from pipeline.models.vqgan import VQGAN
+    from pipeline.pretrained import describe, init_vqgan
+    from pipeline.tracking import NullTracker
+    from pipeline.train.state import TrainState
+
+    if cfg.use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("train_vqgan.use_gpu=true but this process sees no CUDA device")
+    device = torch.device("cuda" if cfg.use_gpu else "cpu")
+    model = VQGAN(cfg.model)
+    got = init_vqgan(storage, cfg.init_from, model, None)
+    log.info("[train_vqgan] steps 0, no training: %s", describe(got, with_disc=False))
+    model = model.to(device)
+    lpips = None
+    if cfg.loss.perceptual_weight > 0:  # as in training: LPIPS is evaluated when it is a loss
+        lpips = build_lpips(cfg.perceptual, storage).to(device)
+    vis = next(eval_batches(storage, shards, cfg.grid_images, cfg.model.resolution))[0]
+    grid = save_grid(model, vis.to(device), storage, uri, 0, NullTracker())
+    export(model, cfg, lpips, storage, uri, seed, shards, NullTracker(), TrainState(), device)
+    return grid
+
+
+def run_pretrained(ctx: StageContext, shards: list[str]) -> None:
+    """:func:`export_pretrained` as one Ray task (with a GPU for ``use_gpu``), or in this
+    process for a run without Ray; then the stage's tracker gets the eval summary and the grid,
+    as from a trained run's rank 0."""
+    import numpy as np
+    from PIL import Image
+
+    cfg: TrainVQGANConfig = ctx.cfg
+    call = (cfg, ctx.storage, ctx.uri, int(ctx.root_cfg.seed), shards)
+    if ctx.local:
+        from pipeline.ray_tasks import require_one_process
+
+        require_one_process("train_vqgan with steps 0",
+                            "python -m pipeline run CONFIG --only train_vqgan --no-ray")
+        grid = export_pretrained(*call)
+    else:
+        import ray
+
+        from pipeline.ray_tasks import cluster_resources, require
+
+        if cfg.use_gpu:
+            require("train_vqgan (steps 0, use_gpu)", "GPU", 1,
+                    cluster_resources().get("GPU", 0), "add a GPU node or set use_gpu=false")
+        task = ray.remote(export_pretrained).options(num_cpus=cfg.cpus_per_worker,
+                                                     num_gpus=1 if cfg.use_gpu else 0)
+        grid = ray.get(task.remote(*call))
+    trained = ctx.storage.read_json(join(ctx.uri, "eval.json"))["trained"]
+    ctx.tracker.summary({f"eval/{k}": v for k, v in trained.items()})
+    image = Image.open(io.BytesIO(ctx.storage.read_bytes(grid))).convert("RGB")
+    ctx.tracker.log_images({"recon": np.asarray(image)}, step=0)
 
 
 def run(ctx: StageContext) -> VQGANOutputs:
@@ -322,7 +431,13 @@ def run(ctx: StageContext) -> VQGANOutputs:
     if cfg.perceptual.backbone == "random" and cfg.loss.perceptual_weight > 0:
         log.warning("[train_vqgan] perceptual.backbone=random: the perceptual loss uses a RANDOM "
                     "VGG; this is not the paper's LPIPS (offline demo/test setting)")
-    checkpoint = launch(ctx, VQGANTask, {"train": train, "val": val})
+    if cfg.perceptual.backbone == "vgg16" and cfg.loss.perceptual_weight > 0:
+        check_lpips(cfg.perceptual, ctx.storage)
+    if cfg.steps == 0:  # pretrained mode: init_from as it is (validated: set)
+        run_pretrained(ctx, val or train)
+        checkpoint = None
+    else:
+        checkpoint = launch(ctx, VQGANTask, {"train": train, "val": val})
     ev = ctx.storage.read_json(join(ctx.uri, "eval.json"))
     images = [u for u in ctx.storage.walk_files(join(ctx.uri, "images")) if u.endswith(".png")]
     return VQGANOutputs(
@@ -337,7 +452,38 @@ def run(ctx: StageContext) -> VQGANOutputs:
         images=images,
         checkpoint=checkpoint,
         perceptual_backbone=cfg.perceptual.backbone,
+        train_codebook=last_window(read_history(ctx.storage, join(ctx.uri, "history.jsonl"))),
+        rfid=ev.get("rfid", {}),
     )
+
+
+def check_lpips(cfg: PerceptualConfig, storage: Storage) -> None:
+    """Driver side, before any worker starts: every LPIPS weight part can be had (else the
+    error names the key to set); a VGG16 download happens here once, not in every worker."""
+    from pipeline.lpips_weights import check_sources
+
+    for key, source in check_sources(cfg.vgg_weights, cfg.lin_weights, storage).items():
+        log.info("[train_vqgan] LPIPS %s: %s", key, source)
+
+
+def rfid_label(ev: dict[str, Any], ev0: dict[str, Any], record: dict[str, Any]) -> str | None:
+    """The report's rFID entry: trained (untrained) and the image count, or why it is absent;
+    None for manifests written before rFID existed."""
+    if "rfid" in ev:
+        untrained = f"untrained {ev0['rfid']:.4g}; " if "rfid" in ev0 else ""
+        return f"{ev['rfid']:.4g} ({untrained}{record.get('images', '?')} images)"
+    if record.get("status") == "absent":
+        return f"absent: {record.get('reason', '?')}"
+    return None
+
+
+def last_window(history: list[dict[str, Any]]) -> dict[str, float]:
+    """The newest history row's training-window codebook figures (empty if none logged)."""
+    keys = ("codebook/window_usage", "codebook/dead_codes", "codebook/window_perplexity")
+    for row in reversed(history):
+        if keys[0] in row:
+            return {"step": row["step"], **{k.removeprefix("codebook/"): row[k] for k in keys}}
+    return {}
 
 
 def report(outputs: VQGANOutputs) -> dict[str, Any]:
@@ -349,8 +495,17 @@ def report(outputs: VQGANOutputs) -> dict[str, Any]:
         if key in ev:
             metrics[label] = f"{ev[key]:.4g}" + (f" (untrained {ev0[key]:.4g})" if key in ev0
                                                  else "")
-    metrics["codebook usage"] = f"{ev['codebook_usage']:.1%}"
-    metrics["code perplexity"] = ev["perplexity"]
+    if (rfid := rfid_label(ev, ev0, outputs.rfid)) is not None:
+        metrics["val rFID"] = rfid
+    k = outputs.model.get("n_embed", 0)
+    used = round(ev["codebook_usage"] * k)
+    metrics["val codebook usage"] = f"{ev['codebook_usage']:.1%} ({used} of {k} codes)"
+    metrics["val code perplexity"] = ev["perplexity"]
+    window = outputs.train_codebook
+    if window:
+        metrics["train codebook usage"] = (
+            f"{window['window_usage']:.1%} ({int(window['dead_codes'])} dead, perplexity "
+            f"{window['window_perplexity']:.1f}, log window ending at step {window['step']})")
     metrics["perceptual backbone"] = outputs.perceptual_backbone
     recon = sorted(u for u in outputs.images if "/recon-" in u)
     images = [(f"Input | reconstruction ({recon[-1].rsplit('/', 1)[-1]})", recon[-1])] \

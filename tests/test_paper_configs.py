@@ -4,11 +4,14 @@ builds models with the reference's parameter counts (on the meta device: nothing
 Counts are of the autoencoder as the reference's ``VQModel`` minus its loss: encoder, decoder,
 quantizer (codebook ``n_embed x embed_dim`` included), quant_conv, post_quant_conv. The LPIPS net
 and the discriminator live in the reference's ``loss`` module and are counted apart (LPIPS not at
-all: it is frozen and not trained).
+all: it is frozen and not trained). The configs train that architecture with our quantizer recipe
+(unit-norm 8-dimensional codes, dead-code restarts: the VQGANConfig defaults), so the counts are
+checked with the reference's quantizer swapped in, and ours differ by the codebook alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ import torch
 
 from pipeline.cli import default_pipeline
 from pipeline.config import load_config
+from pipeline.models.convert import REFERENCE_QUANTIZER
 from pipeline.models.discriminator import NLayerDiscriminator
 from pipeline.models.gpt import GPT
 from pipeline.models.vqgan import VQGAN
@@ -62,12 +66,19 @@ def test_vqgan_configs_match_reference_counts(name, n_embed, vq_count, d_layers,
     cfg = load(name).train_vqgan
     assert (cfg.model.n_embed, cfg.model.embed_dim, cfg.model.latent_size()) == (n_embed, 256, 16)
     assert cfg.lr == 4.5e-6 and cfg.lr_scale_by_batch and cfg.betas == [0.5, 0.9]
+    assert cfg.base_lr == pytest.approx(4.5e-6 * cfg.global_batch)
     assert cfg.model.legacy_beta and cfg.loss.codebook_weight == 1.0
     with torch.device("meta"):
-        vqgan = VQGAN(cfg.model)
+        # The reference's architecture; the configs train it with our quantizer recipe.
+        vqgan = VQGAN(dataclasses.replace(cfg.model, **REFERENCE_QUANTIZER))
+        ours = VQGAN(cfg.model)
         disc = NLayerDiscriminator(cfg.disc)
     assert n_params(vqgan) == vq_count
     assert n_params(vqgan.quantize) == n_embed * 256  # the codebook is part of the count
+    # Ours: unit-norm 8-dim codes behind 256 <-> 8 projections, the rest identical.
+    assert (cfg.model.l2_normalize, cfg.model.codebook_dim) == (True, 8)
+    assert cfg.model.restart_dead_codes > 0
+    assert n_params(ours) - n_params(ours.quantize) == vq_count - n_embed * 256
     assert F16_16384 - F16_1024 == (16384 - 1024) * 256
     assert (cfg.disc.ndf, cfg.disc.n_layers) == (64, d_layers)
     assert n_params(disc) == patchgan_count(64, d_layers) == d_count
@@ -109,6 +120,8 @@ def test_imagenet_transformer_matches_reference_but_the_class_rows():
     # ours: a start token and 1000 class tokens after the 16384 codes (1 + 1000 extra table rows)
     extra = (1 + CIN["n_classes"]) * CIN["n_embd"]
     assert model.num_params() == CIN_REFERENCE_COUNT + extra == 1_412_178_432
+    tc = load("imagenet_transformer.yaml").train_transformer
+    assert tc.lr_scale_by_batch and tc.base_lr == pytest.approx(4.5e-6 * 64)  # 2.88e-4
     assert model.num_params(non_embedding=True) == \
         CIN_REFERENCE_COUNT - (CIN["vocab"] + CIN["block"]) * CIN["n_embd"]
 

@@ -55,9 +55,12 @@ def test_config_errors_name_keys():
         load_config(None, ["train_vqgan.model.ch_mult=[1,3]", "train_vqgan.model.ch=48"],
                     pipe.schema)
     assert e.value.key.startswith("train_vqgan.model") and "ch_mult" in str(e.value)
+    # vgg16 LPIPS without URIs is valid: the weights come from their standard sources
+    # (tests/test_lpips_weights.py), checked when the stage runs.
+    assert load_config(None, [], pipe.schema).train_vqgan.perceptual.vgg_weights is None
     with pytest.raises(ConfigError) as e:
-        load_config(None, [], pipe.schema)  # vgg16 LPIPS without weights
-    assert e.value.key == "train_vqgan.perceptual.vgg_weights"
+        load_config(None, ["train_vqgan.perceptual.backbone=vgg19"], pipe.schema)
+    assert e.value.key == "train_vqgan.perceptual.backbone"
     with pytest.raises(ConfigError) as e:
         load_config(None, ["train_vqgan.perceptual.backbone=random", "train_vqgan.zero_stage=3"],
                     pipe.schema)
@@ -88,6 +91,15 @@ def test_train_vqgan_end_to_end(ray_session, s3_endpoint, s3_bucket, tmp_path, m
     assert [r["step"] for r in rows] == list(range(10, 61, 10))
     assert rows[-1]["loss/rec"] < 0.8 * rows[0]["loss/rec"], rows
     assert rows[-1]["lambda"] > 0 and rows[3]["lambda"] == 0, "GAN term on from disc_start=40"
+    # Codebook health over each log window (both ranks' codes), and in the manifest.
+    for r in rows:
+        used = round(r["codebook/window_usage"] * 64)
+        assert 1 <= used <= 64 and r["codebook/dead_codes"] == 64 - used, r
+        assert 1 <= r["codebook/window_perplexity"] <= used + 1e-6, r
+    assert res["train_codebook"] == {
+        "step": 60, **{k: rows[-1][f"codebook/{k}"]
+                       for k in ("window_usage", "dead_codes", "window_perplexity")}}
+    assert res["eval"]["dead_codes"] == 64 - round(res["eval"]["codebook_usage"] * 64)
     assert list((tmp_path / "wandb" / "wandb").glob("offline-run-*train_vqgan*")), "W&B files"
 
     # Finished: a rerun is cached; raising steps continues from step 60, here on 1 worker

@@ -197,19 +197,27 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
+def center_box(width: int, height: int) -> tuple[float, float, float, float]:
+    """The center square of a ``width``×``height`` image as a (left, top, right, bottom) box in
+    its own coordinates (fractional for odd differences)."""
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
+
+
+def resize_center_crop(img: Image.Image, resolution: int,
+                       resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
     """Scale the shorter side to ``resolution`` and crop the center square, in one resample.
 
     The crop box is given in source coordinates (``resize(box=...)``), so only the kept square
-    is filtered: same result as resize-then-crop up to sub-pixel placement, less work.
+    is filtered: same result as resize-then-crop up to sub-pixel placement, less work. Images of
+    the same aspect ratio get the same relative box, so a paired condition map (resampled with
+    ``NEAREST`` for class ids) stays aligned with its image.
     """
     w, h = img.size
     if (w, h) == (resolution, resolution):
         return img
-    side = min(w, h)
-    left, top = (w - side) / 2, (h - side) / 2
-    return img.resize((resolution, resolution), Image.Resampling.BICUBIC,
-                      box=(left, top, left + side, top + side))
+    return img.resize((resolution, resolution), resample, box=center_box(w, h))
 
 
 def encode(img: Image.Image, ext: str, quality: int = 95) -> bytes:
@@ -230,17 +238,27 @@ def encode(img: Image.Image, ext: str, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
+def square(img: Image.Image, spec: ImageSpec) -> Image.Image:
+    """A decoded image of any mode → the ``spec.resolution`` square RGB image, not encoded."""
+    return resize_center_crop(to_rgb(img), spec.resolution)
+
+
 def finish(img: Image.Image, spec: ImageSpec) -> bytes:
     """A decoded image of any mode → encoded ``spec.resolution`` square RGB sample."""
-    return encode(resize_center_crop(to_rgb(img), spec.resolution), spec.ext, spec.quality)
+    return encode(square(img, spec), spec.ext, spec.quality)
+
+
+def decode_square(data: bytes, spec: ImageSpec) -> tuple[Image.Image, tuple[int, int]]:
+    """Bytes of an image file → (the square RGB image before encoding, displayed size of the
+    source); raises ImageRejected for unusable input. Derived conditions start from the image."""
+    img, size = decode(data, spec)
+    try:
+        return square(img, spec), size
+    except (OSError, ValueError) as e:  # a mode Pillow cannot convert
+        raise ImageRejected(UNDECODABLE, f"{type(e).__name__}: {_clean(str(e))}") from None
 
 
 def process_image(data: bytes, spec: ImageSpec) -> Processed:
     """Bytes of an image file → encoded sample; raises ImageRejected for unusable input."""
-    img, (w, h) = decode(data, spec)
-    try:
-        rgb = to_rgb(img)
-    except (OSError, ValueError) as e:  # a mode Pillow cannot convert
-        raise ImageRejected(UNDECODABLE, f"{type(e).__name__}: {_clean(str(e))}") from None
-    return Processed(encode(resize_center_crop(rgb, spec.resolution), spec.ext, spec.quality),
-                     w, h)
+    img, (w, h) = decode_square(data, spec)
+    return Processed(encode(img, spec.ext, spec.quality), w, h)

@@ -8,7 +8,8 @@ Source kinds (``shard.source``):
 
 - ``builtin:digits[:N]`` / ``builtin:photos[:N]`` (see :mod:`pipeline.data.builtin`);
 - a URI ending in ``.csv``, ``.jsonl`` or ``.parquet``: a file list with a ``path`` column and an
-  optional ``label`` column; relative paths are relative to the list's folder;
+  optional ``label`` column (and, for paired conditions, a column of condition paths); relative
+  paths are relative to the list's folder;
 - anything else: a folder (local or ``s3://…``) searched recursively for image files.
 """
 
@@ -38,11 +39,16 @@ _KEY_SLUG_CHARS = 48
 
 @dataclass(frozen=True)
 class Item:
-    """One input: its WebDataset key, where it comes from, and its class id (-1: none)."""
+    """One input: its WebDataset key, where it comes from, and its class id (-1: none).
+
+    ``cond``: the URI of its paired condition file (:mod:`pipeline.data.conditions`); ``""``
+    when the file list names none for it; None when the run pairs no condition files.
+    """
 
     key: str
     uri: str
     label: int = NO_LABEL
+    cond: str | None = None
 
 
 @dataclass
@@ -171,15 +177,25 @@ def class_ids(values: list[Any]) -> tuple[dict[Any, int], list[str]]:
     return {v: ids[str(v)] for v in set(present)}, names
 
 
-def list_file_list(source: str, storage: Storage, labels: str) -> Listing:
+def _resolve(parent: str, rel: str) -> str:
+    return rel if ("://" in rel or rel.startswith("/")) else join(parent, rel)
+
+
+def list_file_list(source: str, storage: Storage, labels: str,
+                   cond_column: str | None = None) -> Listing:
     """Rows of a CSV/JSONL/Parquet file list (``path`` required, ``label`` optional).
 
     Relative paths resolve against the list's folder. A repeated path is rejected
     (``duplicate_entry``); with labels in use, a row without one is rejected (``no_label``).
+    ``cond_column``: a column of condition paths (resolved like ``path``) → ``Item.cond``, ``""``
+    for an empty cell; a list without that column is a ValueError.
     """
     rows = _read_rows(source, storage)
     if rows and "path" not in rows[0]:
         raise ValueError(f"{source}: a file list needs a 'path' column (found: "
+                         f"{', '.join(map(str, rows[0]))})")
+    if cond_column and rows and not any(cond_column in r for r in rows):
+        raise ValueError(f"{source}: no condition column {cond_column!r} (found: "
                          f"{', '.join(map(str, rows[0]))})")
     parent = source.rstrip("/").rsplit("/", 1)[0] if "/" in source else "."
     use_labels = labels != "none" and any("label" in r for r in rows)
@@ -193,7 +209,7 @@ def list_file_list(source: str, storage: Storage, labels: str) -> Listing:
         if not rel:
             listing.rejected.append(_reject("", "", "no_path", "a row with an empty path"))
             continue
-        uri = rel if ("://" in rel or rel.startswith("/")) else join(parent, rel)
+        uri = _resolve(parent, rel)
         key = make_key(rel)
         if key in seen:
             listing.rejected.append(_reject(key, uri, "duplicate_entry",
@@ -203,7 +219,11 @@ def list_file_list(source: str, storage: Storage, labels: str) -> Listing:
         if use_labels and value is None:
             listing.rejected.append(_reject(key, uri, "no_label", "the row has no label"))
             continue
-        listing.items.append(Item(key, uri, mapping[value] if use_labels else NO_LABEL))
+        cond = None
+        if cond_column:
+            cell = str(row.get(cond_column) or "").strip()
+            cond = _resolve(parent, cell) if cell else ""
+        listing.items.append(Item(key, uri, mapping[value] if use_labels else NO_LABEL, cond))
     return listing
 
 
@@ -214,17 +234,19 @@ def list_builtin(source: str, seed: int, labels: str) -> Listing:
     return Listing("builtin", [Item(k, u, label) for k, u, label in entries], classes)
 
 
-def list_source(source: str, storage: Storage, labels: str = "auto", seed: int = 0) -> Listing:
+def list_source(source: str, storage: Storage, labels: str = "auto", seed: int = 0,
+                cond_column: str | None = None) -> Listing:
     """Every input of ``source`` (see module docstring), items sorted by key.
 
     ``labels``: ``auto`` (builtin labels, a file list's ``label`` column, none for folders),
     ``folders`` (folder sources: first-level subfolders are classes) or ``none``.
+    ``cond_column``: file lists only, see :func:`list_file_list`.
     """
     kind = source_kind(source)
     if kind == "builtin":
         listing = list_builtin(source, seed, labels)
     elif kind == "file_list":
-        listing = list_file_list(source, storage, labels)
+        listing = list_file_list(source, storage, labels, cond_column)
     else:
         listing = list_folder(source, storage, labels)
     listing.items.sort(key=lambda it: it.key)

@@ -26,6 +26,9 @@ from .loss import VQGANLossConfig
 from .lpips import convert_reference_lpips_state_dict
 from .vqgan import VQGANConfig
 
+# The reference's VectorQuantizer2(legacy=True) in our VQGANConfig keys.
+REFERENCE_QUANTIZER = {"legacy_beta": True, "l2_normalize": False, "codebook_dim": None,
+                       "use_ema": False, "restart_dead_codes": 0}
 _VQGAN_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
 _DISC_PREFIX = "loss.discriminator."
 _LPIPS_PREFIX = "loss.perceptual_loss."
@@ -79,7 +82,9 @@ def lpips_state_dict_from_taming(sd: Mapping[str, Any]) -> dict[str, Tensor]:
 
 def config_from_taming(params: Mapping[str, Any]) -> VQGANConfig:
     """:class:`VQGANConfig` from a taming config's ``model.params`` (``ddconfig``, ``n_embed``,
-    ``embed_dim``), with the reference's β placement (``legacy_beta=True``)."""
+    ``embed_dim``), with the reference's quantizer: its β placement (``legacy_beta=True``), and
+    none of our codebook-health options (full-dimension, unnormalised codes, no restarts), which
+    change the state dict or the codes' meaning."""
     dd = dict(params["ddconfig"])
     known = {"ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "resolution",
              "in_channels", "out_ch", "dropout", "double_z"}
@@ -88,7 +93,7 @@ def config_from_taming(params: Mapping[str, Any]) -> VQGANConfig:
         raise ValueError(f"unsupported ddconfig keys: {sorted(extra)}")
     return VQGANConfig.from_dict(
         {**dd, "n_embed": int(params["n_embed"]), "embed_dim": int(params["embed_dim"]),
-         "legacy_beta": True}
+         **REFERENCE_QUANTIZER}
     )
 
 

@@ -6,7 +6,8 @@
 f_l: VGG16 activations relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 of the scaled input; n: unit
 norm over channels; w_l: learned non-negative 1x1 "linear heads" (64, 128, 256, 512, 512 channels).
 
-Nothing is downloaded. Weights come from the caller as state dicts:
+Nothing is downloaded here. Weights come from the caller as state dicts (the train_vqgan stage
+finds them with ``pipeline.lpips_weights``: URIs, the lpips wheel's heads, the torch hub cache):
 
 - ``backbone="vgg16"``: call :meth:`LPIPS.load_weights` (a torchvision ``vgg16`` state dict and
   the LPIPS heads) or :meth:`LPIPS.load_state_dict` / :meth:`LPIPS.from_state_dict` with a combined

@@ -16,8 +16,9 @@ Beyond the paper, each behind a config switch:
   code is the max-cosine code (ViT-VQGAN).
 - ``codebook_dim``: factorised codes. The lookup happens in a low-dimensional space
   (``embed_dim -> codebook_dim`` by ``proj_in``, back by ``proj_out``).
-- ``restart_dead_codes``: a code unused for that many consecutive training steps is re-initialised
-  from a random encoder output of the current batch.
+- ``restart_dead_codes``: a code unused for that many consecutive training forwards (never fewer
+  than it takes to see each code 8 times on average: :meth:`VectorQuantizer.dead_code_window`) is
+  re-initialised from a random encoder output of the current batch.
 
 The codebook is updated in place during ``forward`` (EMA, restarts) only in training mode; in eval
 mode the module is a pure, deterministic function of its input.
@@ -39,6 +40,7 @@ after every ``engine.step()``), which consumes it with
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -50,6 +52,9 @@ from torch import Tensor, nn
 # Upper bound on elements of one [rows, n_embed] distance block; larger inputs are processed in
 # row chunks so that tokenizing a big batch against a 16k codebook does not allocate gigabytes.
 _MAX_DISTANCE_ELEMENTS = 1 << 24
+# A code counts as dead only after a window in which a uniform codebook would use each code this
+# many times on average (P(unused) = e^-8 ~ 3e-4 for a healthy code); see dead_code_window.
+_DEAD_CODE_EXPECTED_USES = 8
 
 
 @dataclass
@@ -164,6 +169,10 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("ema_embed_sum", self.embedding.weight.detach().clone())
         if config.restart_dead_codes > 0:
             self.register_buffer("unused_steps", torch.zeros(k, dtype=torch.long))
+        # Code counts of the training forwards since the last take_window_stats() (summed over
+        # ranks): codebook health as logged during training. Not persistent: a monitoring
+        # window, not model state, so state dicts stay the reference's.
+        self.register_buffer("window_counts", torch.zeros(k, dtype=torch.long), persistent=False)
         # Restarts written in place but not yet taken by an owner of master weights; a plain
         # attribute, not a buffer: it is transient and stays out of the state dict.
         self.pending_restart: tuple[Tensor, Tensor] | None = None
@@ -266,6 +275,7 @@ class VectorQuantizer(nn.Module):
         if _distributed():
             counts = counts.clone()
             dist.all_reduce(counts)
+        self.window_counts += counts.round().long()
         if self.config.use_ema:
             self._ema_update(z_look, indices, counts)
         if self.config.restart_dead_codes > 0:
@@ -286,10 +296,22 @@ class VectorQuantizer(nn.Module):
             weight = F.normalize(weight, dim=1)
         self.embedding.weight.copy_(weight)
 
+    def dead_code_window(self, vectors: float) -> int:
+        """Training forwards a code may stay unused before it is restarted, when each forward
+        quantizes ``vectors`` vectors (summed over ranks): ``restart_dead_codes``, but never
+        fewer than it takes a uniformly used codebook to see every code
+        ``_DEAD_CODE_EXPECTED_USES`` times on average. Without that floor a large codebook
+        trained with small batches (16,384 codes, 2,048 vectors a step: 2.5 expected uses in 20
+        steps) would restart ~8% of its perfectly healthy codes every window, by chance."""
+        floor = math.ceil(_DEAD_CODE_EXPECTED_USES * self.config.n_embed / max(vectors, 1.0))
+        return max(self.config.restart_dead_codes, floor)
+
     def _restart_dead_codes(self, z_look: Tensor, counts: Tensor) -> None:
-        """Re-initialise codes unused for ``restart_dead_codes`` steps from batch vectors."""
+        """Re-initialise codes unused for :meth:`dead_code_window` forwards from batch
+        vectors."""
         self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
-        dead = (self.unused_steps >= self.config.restart_dead_codes).nonzero().squeeze(1)
+        window = self.dead_code_window(float(counts.sum()))
+        dead = (self.unused_steps >= window).nonzero().squeeze(1)
         if dead.numel() == 0:
             return
         # Sample without replacement when the batch has enough vectors.
@@ -307,6 +329,27 @@ class VectorQuantizer(nn.Module):
             self.ema_cluster_size[dead] = 1.0
             self.ema_embed_sum[dead] = new
         self.unused_steps[dead] = 0
+
+    @torch.no_grad()
+    def take_window_stats(self) -> dict[str, float]:
+        """Codebook health over the training forwards since the last call, then reset.
+
+        ``codebook/window_usage``: share of the codes used at least once; ``codebook/dead_codes``:
+        how many were not used at all; ``codebook/window_perplexity``: exp(entropy) of the
+        window's code histogram. Counts are summed over ranks, so every rank returns the same
+        values (and must call this at the same step, as the training loop's logging does).
+        Empty before any training forward.
+        """
+        counts = self.window_counts.double()
+        self.window_counts.zero_()
+        total = float(counts.sum())
+        if total == 0:
+            return {}
+        used = int((counts > 0).sum())
+        p = counts[counts > 0] / total
+        return {"codebook/window_usage": used / self.config.n_embed,
+                "codebook/dead_codes": float(self.config.n_embed - used),
+                "codebook/window_perplexity": float(torch.exp(-(p * p.log()).sum()))}
 
     # -- restarts for optimizers with master weights -----------------------------------------
 

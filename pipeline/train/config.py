@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from pipeline.config import ConfigError, no_fingerprint
 
 PRECISIONS = ("fp32", "bf16")
+# Above this, a per-sample rate (``lr_scale_by_batch``) is surely an absolute rate given by
+# mistake: the reference's is 4.5e-6, and x a global batch of 8 it would already be 8e-3.
+MAX_PER_SAMPLE_LR = 1e-3
 SCHEDULES = ("cosine", "constant")
 
 
@@ -30,6 +33,7 @@ class TrainConfig:
     micro_batch: int = 8
     grad_accum: int = 1
     lr: float = 1e-4
+    lr_scale_by_batch: bool = False  # True: lr is per sample; the step's rate is lr x global batch
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -60,8 +64,16 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
+        if self.lr is None:  # a stage's own default rule (TrainVQGANConfig)
+            pass
+        elif self.lr <= 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        elif self.lr_scale_by_batch and self.lr > MAX_PER_SAMPLE_LR:
+            raise ConfigError(
+                "lr", f"with lr_scale_by_batch: true, lr is the rate per sample of the global "
+                f"batch (the reference's base_learning_rate, 4.5e-6), so {self.lr:g} x "
+                f"{self.global_batch} samples would train at {self.base_lr:g}; give the "
+                f"per-sample rate, or set lr_scale_by_batch: false to give the step's rate")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError("betas", f"must be two numbers in [0, 1), got {self.betas}")
         if self.schedule not in SCHEDULES:
@@ -102,3 +114,19 @@ class TrainConfig:
     @property
     def global_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.num_workers
+
+    @property
+    def base_lr(self) -> float:
+        """The optimizer's peak rate (before warmup and decay): ``lr``, or with
+        ``lr_scale_by_batch`` the reference's rule ``lr × global batch`` (``lr`` per sample).
+
+        On a resolved config (:func:`pipeline.train.loop.resolve`) ``global_batch`` is the run's
+        own, kept on any worker count, so a resumed run keeps its rate.
+        """
+        return self.lr * self.global_batch if self.lr_scale_by_batch else self.lr
+
+    def lr_rule(self) -> str:
+        """How :attr:`base_lr` came about, for the log."""
+        if self.lr_scale_by_batch:
+            return f"lr {self.lr:g} per sample x global batch {self.global_batch}"
+        return "lr as given"

@@ -66,6 +66,9 @@ class LoopSpec:
     stage: str = "train"
     log_uri: str | None = None  # where workers' output goes (pipeline.logs); None: stays put
     fault: Fault | None = None  # test-only (pipeline.faults): a rank dies after this step
+    # Set by the loop before the task is built: a checkpoint is about to be restored, so the
+    # task must not load starting weights from elsewhere (train_vqgan.init_from).
+    resuming: bool = False
 
 
 class Task(Protocol):
@@ -92,6 +95,9 @@ class Task(Protocol):
 
     def images(self, step: int, tracker: Tracker) -> None:
         """Periodic images; called on every rank (a task may need a collective)."""
+
+    # Optional: ``window_logs() -> dict[str, float]``, scalars about the steps since the last
+    # logging point (e.g. codebook usage over them), called on every rank at logging cadence.
 
     def finish(self, state: TrainState, tracker: Tracker) -> None:
         """Export and evaluate; called on every rank after the last step."""
@@ -159,10 +165,13 @@ def run(spec: LoopSpec, ctx: TrainContext, checkpoints: Checkpoints) -> LoopResu
     the newest checkpoint (written on any worker count)."""
     storage = spec.storage
     prepare_device(ctx, spec.cfg.cpus_per_worker)
-    spec = dataclasses.replace(spec, cfg=resolve(spec.cfg, ctx, checkpoints.peek()))
+    saved = checkpoints.peek()
+    spec = dataclasses.replace(spec, cfg=resolve(spec.cfg, ctx, saved), resuming=saved is not None)
     cfg = spec.cfg
     torch.manual_seed(spec.seed)  # identical initial weights on every rank
     task = spec.task(ctx, spec)
+    if ctx.is_main:
+        log.info("peak learning rate %.3g (%s)", task.base_lr, cfg.lr_rule())
     # Per-rank randomness (dropout, restarts); a restored checkpoint replaces it with the RNG
     # state this rank saved, where it existed then.
     torch.manual_seed(derive(spec.seed, "rank", ctx.rank))
@@ -191,6 +200,8 @@ def run(spec: LoopSpec, ctx: TrainContext, checkpoints: Checkpoints) -> LoopResu
         logs: dict[str, float] | None = None
         if cfg.due(state.step, cfg.log_every):
             logs = {k: float(v) for k, v in sums.items()}
+            if hasattr(task, "window_logs"):
+                logs.update(task.window_logs())
             samples_per_s = meter.rate(state.samples_seen)
             rate = samples_per_s * task.units_per_sample
             logs.update({"lr": lr, f"{task.unit}_per_s": rate})

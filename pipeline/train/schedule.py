@@ -22,7 +22,3 @@ def lr_at(step: int, base_lr: float, *, warmup: int, total: int, schedule: str =
     floor = base_lr * min_ratio
     return floor + 0.5 * (base_lr - floor) * (1.0 + math.cos(math.pi * progress))
 
-
-def scaled_lr(base_lr: float, global_batch: int) -> float:
-    """The reference taming-transformers rule: lr = base_learning_rate × global batch size."""
-    return base_lr * global_batch

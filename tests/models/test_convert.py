@@ -21,6 +21,7 @@ from pipeline.models import (
     loss_configs_from_taming,
     lpips_state_dict_from_taming,
 )
+from pipeline.models.convert import REFERENCE_QUANTIZER
 from pipeline.models.lpips import LPIPS
 
 from .conftest import F16_DDCONFIG
@@ -141,7 +142,8 @@ TINY_DD = dict(double_z=False, z_channels=32, resolution=32, in_channels=3, out_
 def test_f16_reference_keys_equal_ours(n_embed):
     expected = reference_vqgan_keys(F16_DDCONFIG, n_embed, 256)
     with torch.device("meta"):
-        ours = VQGAN(VQGANConfig(**F16_DDCONFIG, n_embed=n_embed, embed_dim=256)).state_dict()
+        ours = VQGAN(VQGANConfig(**F16_DDCONFIG, n_embed=n_embed, embed_dim=256,
+                                 **REFERENCE_QUANTIZER)).state_dict()
     assert {k: tuple(v.shape) for k, v in ours.items()} == expected
     assert sum(torch.Size(s).numel() for s in expected.values()) == (
         72_141_699 if n_embed == 1024 else 76_073_859)

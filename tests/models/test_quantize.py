@@ -140,7 +140,7 @@ def test_z_q_is_exactly_the_codes_and_gradients_flow(options):
 def test_dead_code_restart_replaces_unused_codes():
     codebook = torch.stack([torch.zeros(3)] + [torch.full((3,), 100.0 + i) for i in range(7)])
     q = make(codebook, restart_dead_codes=2).train()
-    zv = torch.randn(16, 3) * 0.1  # all nearest to code 0
+    zv = torch.randn(32, 3) * 0.1  # all nearest to code 0; 32 vectors: 8 x 8 codes in 2 steps
     q(as_map(zv))
     assert torch.equal(q.embedding.weight, codebook)  # unused for one step: not yet dead
     q(as_map(zv))
@@ -151,6 +151,14 @@ def test_dead_code_restart_replaces_unused_codes():
     assert q.unused_steps.tolist() == [0] * 8
     # After the restart the batch spreads over several codes.
     assert q(as_map(zv)).usage > 1 / 8
+
+
+def test_dead_code_window_never_restarts_a_healthy_codebook_by_chance():
+    q = VectorQuantizer(QuantizerConfig(n_embed=16384, embed_dim=4, restart_dead_codes=20))
+    assert q.dead_code_window(2048) == 64  # 64 steps x 2,048 vectors = 8 uses per code
+    assert q.dead_code_window(8 * 16384) == 20  # big batches: the configured window
+    assert VectorQuantizer(QuantizerConfig(n_embed=128, embed_dim=4, restart_dead_codes=20)
+                           ).dead_code_window(1024) == 20  # the demo: 8 x 128 / 1,024 = 1
 
 
 def test_restart_is_training_only():
@@ -204,3 +212,20 @@ def test_l2_ema_codes_stay_unit_norm():
     out = q.eval()(z)
     zn = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, 4), dim=1)
     assert torch.equal(out.indices.flatten(), (zn @ q.embedding.weight.t()).argmax(dim=1))
+
+
+def test_window_stats_count_training_forwards_since_the_last_take():
+    q = make(torch.tensor([[0.0], [1.0], [2.0], [3.0]])).train()
+    assert q.take_window_stats() == {}  # nothing yet
+    q(as_map(torch.tensor([[0.1], [0.9]])))  # codes 0, 1
+    q(as_map(torch.tensor([[1.1], [1.2]])))  # code 1 twice
+    stats = q.take_window_stats()
+    p = torch.tensor([1 / 4, 3 / 4])
+    assert stats["codebook/window_usage"] == 0.5 and stats["codebook/dead_codes"] == 2
+    assert stats["codebook/window_perplexity"] == pytest.approx(
+        float(torch.exp(-(p * p.log()).sum())))
+    q.eval()(as_map(torch.tensor([[3.0]])))  # eval forwards do not count
+    assert q.take_window_stats() == {}
+    q.train()(as_map(torch.tensor([[3.0]])))  # the window restarted after the take
+    assert q.take_window_stats()["codebook/dead_codes"] == 3
+    assert "window_counts" not in q.state_dict()  # monitoring, not model state

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models import VQGAN, NLayerDiscriminator, VQGANConfig
+from pipeline.models.convert import REFERENCE_QUANTIZER
 from pipeline.models.vqgan import CONFIG_NAME, WEIGHTS_NAME
 
 from .conftest import F16_DDCONFIG, tiny_config
@@ -23,8 +24,13 @@ def n_params(module: torch.nn.Module) -> int:
 @pytest.mark.parametrize("n_embed, expected", [(1024, 72_141_699), (16384, 76_073_859)])
 def test_f16_parameter_count_matches_reference(n_embed, expected):
     with torch.device("meta"):
-        model = VQGAN(VQGANConfig(**F16_DDCONFIG, embed_dim=256, n_embed=n_embed))
+        model = VQGAN(VQGANConfig(**F16_DDCONFIG, embed_dim=256, n_embed=n_embed,
+                                  **REFERENCE_QUANTIZER))
+        ours = VQGAN(VQGANConfig(**F16_DDCONFIG, embed_dim=256, n_embed=n_embed))
     assert n_params(model) == expected
+    # Our default quantizer: 8-dim codes, and the 256 <-> 8 projections around the lookup.
+    projections = (256 * 8 + 8) + (8 * 256 + 256)
+    assert n_params(ours) == expected - n_embed * 256 + n_embed * 8 + projections
 
 
 def test_discriminator_parameter_count_matches_reference():

@@ -14,7 +14,7 @@ from pipeline.train import launch
 from pipeline.train.config import TrainConfig
 from pipeline.train.engine import deepspeed_config
 from pipeline.train.loop import LoopSpec
-from pipeline.train.schedule import lr_at, scaled_lr
+from pipeline.train.schedule import lr_at
 from tests.train.loops import W_TRUE, LinearTask, batch
 
 
@@ -32,11 +32,33 @@ def test_schedule_and_config():
     assert lr_at(10, 1.0, warmup=4, total=10, min_ratio=0.1) == pytest.approx(0.1)
     assert lr_at(50, 1.0, warmup=4, total=10, min_ratio=0.1) == pytest.approx(0.1)
     assert lr_at(7, 2.0, warmup=0, total=10, schedule="constant") == 2.0
-    assert scaled_lr(4.5e-6, 96) == pytest.approx(4.32e-4)
     cfg = deepspeed_config(TrainConfig(micro_batch=3, grad_accum=2, zero_stage=2), 4)
     assert cfg["train_batch_size"] == 24 and cfg["zero_optimization"]["stage"] == 2
     with pytest.raises(ValueError, match="disagrees"):
         deepspeed_config(TrainConfig(micro_batch=3), 1, {"train_micro_batch_size_per_gpu": 5})
+
+
+def test_lr_scale_by_batch_makes_lr_per_sample():
+    from pipeline.config import ConfigError
+    from stages.train_vqgan import TrainVQGANConfig
+
+    absolute = TrainConfig(lr=3e-4, micro_batch=4, grad_accum=3, num_workers=8)
+    assert absolute.base_lr == 3e-4
+    per_sample = TrainConfig(lr=4.5e-6, lr_scale_by_batch=True, micro_batch=4, grad_accum=3,
+                             num_workers=8)
+    assert per_sample.base_lr == pytest.approx(4.5e-6 * 96)
+    assert "per sample x global batch 96" in per_sample.lr_rule()
+    # The footgun: an absolute rate left in place when switching the rule on. Refused, named.
+    with pytest.raises(ConfigError, match="lr: with lr_scale_by_batch: true, lr is the rate per "
+                       "sample.*0.002 x 16 samples would train at 0.032"):
+        TrainConfig(lr=2e-3, lr_scale_by_batch=True, micro_batch=8, num_workers=2).validate()
+    # The VQGAN's default is the reference's rule at any batch, whichever way the switch is set.
+    for scale in (False, True):
+        cfg = TrainVQGANConfig(micro_batch=3, num_workers=8, lr_scale_by_batch=scale)
+        cfg.validate()
+        assert cfg.base_lr == pytest.approx(4.5e-6 * 24)
+        assert "reference's 4.5e-06 per sample x global batch 24" in cfg.lr_rule()
+    assert TrainVQGANConfig(lr=1e-4, micro_batch=3, num_workers=8).base_lr == 1e-4
 
 
 def reference_weights(steps: int, world: int = 2, grad_accum: int = 2, micro: int = 4,

@@ -79,7 +79,7 @@ def _engine(zero_stage: int, precision: str, grad_accum: int = 1, extra: dict | 
 
 def _train(engine, steps: int, apply: bool, seed: int = 0) -> dict[int, Tensor]:
     """``steps`` micro-steps on a fixed batch; returns {row: latest restart vector (fp32)}."""
-    x = (torch.randn(2, DIM, 2, 4, generator=torch.Generator().manual_seed(seed)) * 0.3)
+    x = (torch.randn(2, DIM, 8, 8, generator=torch.Generator().manual_seed(seed)) * 0.3)
     x = x.to(next(engine.module.parameters()).dtype)
     quant = engine.module.quant
     latest: dict[int, Tensor] = {}
@@ -179,7 +179,7 @@ def test_adam_moments_of_restarted_rows_are_zeroed(zero_stage, precision):
     # A batch made of the codes themselves (the encoder is the identity) uses every code once.
     codes = _module_value(weight).to(weight.dtype)
     every_code = codes.t().reshape(1, DIM, 2, N_EMBED // 2).expand(2, -1, -1, -1)
-    near_zero = (torch.randn(2, DIM, 2, 4) * 0.3).to(weight.dtype)
+    near_zero = (torch.randn(2, DIM, 8, 8) * 0.3).to(weight.dtype)
     for x in (every_code, near_zero, near_zero):  # the far codes die in the third forward
         engine.backward(engine(x))
         engine.step()
