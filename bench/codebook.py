@@ -29,9 +29,11 @@ from bench.stage_run import temp_root  # noqa: E402
 RECIPES: dict[str, dict[str, object]] = {
     "reference": {"l2_normalize": False, "codebook_dim": None, "restart_dead_codes": 0},
     "l2_dim8": {"l2_normalize": True, "codebook_dim": 8, "restart_dead_codes": 0},
-    "restarts": {"l2_normalize": False, "codebook_dim": None, "restart_dead_codes": 20},
+    "restarts": {"l2_normalize": False, "codebook_dim": None, "restart_dead_codes": 40},
+    "restarts_80": {"l2_normalize": False, "codebook_dim": None, "restart_dead_codes": 80},
     "ema_restarts": {"l2_normalize": False, "codebook_dim": None, "use_ema": True,
-                     "restart_dead_codes": 20},
+                     "restart_dead_codes": 80},
+    "l2_dim8_restarts_80": {"l2_normalize": True, "codebook_dim": 8, "restart_dead_codes": 80},
     "default": {},
 }
 

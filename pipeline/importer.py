@@ -445,11 +445,9 @@ def lightning_section(lt: Mapping[str, Any], ignored: list[str]) -> Trainer:
 # -- assembling -----------------------------------------------------------------------------------
 
 _PERCEPTUAL: Tree = {
-    "backbone": ("vgg16", "LPIPS(vgg16): nothing is downloaded at run time"),
-    "vgg_weights": ("s3://my-bucket/weights/vgg16.pth",
-                    "placeholder: torchvision vgg16 state dict"),
-    "lin_weights": ("s3://my-bucket/weights/lpips_vgg.pth",
-                    "placeholder: the reference's LPIPS vgg.pth"),
+    "backbone": ("vgg16", "LPIPS(vgg16): VGG16 from the torch hub cache (downloaded when "
+                 "online), heads from the lpips wheel; offline: set vgg_weights / lin_weights "
+                 "URIs"),
 }
 
 

@@ -43,7 +43,7 @@ _FIRST_STAGE = "first_stage_model."  # a Net2NetTransformer checkpoint's VQGAN
 # reference's values of them; the other options only change training.
 LOOKUP = ("l2_normalize", "codebook_dim")
 REFERENCE_LOOKUP = {k: REFERENCE_QUANTIZER[k] for k in LOOKUP}
-COUNTERS = ("quantize.unused_steps",)  # training-state buffers a checkpoint may lack
+COUNTERS = ("quantize.unused_vectors",)  # training-state buffers a checkpoint may lack
 
 
 @dataclass(frozen=True)

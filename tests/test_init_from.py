@@ -162,7 +162,7 @@ def test_dead_code_counters_start_at_zero(tmp_path):
     _, model, _ = load_into(save(ckpt, tmp_path / "last.ckpt"),
                             VQGANConfig(**{**MODEL.to_dict(), "restart_dead_codes": 10}))
     state = model.state_dict()
-    assert torch.equal(state.pop("quantize.unused_steps"), torch.zeros(64, dtype=torch.long))
+    assert torch.equal(state.pop("quantize.unused_vectors"), torch.zeros(64, dtype=torch.long))
     assert_state_equal(state, vq)
 
 

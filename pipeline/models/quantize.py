@@ -16,9 +16,12 @@ Beyond the paper, each behind a config switch:
   code is the max-cosine code (ViT-VQGAN).
 - ``codebook_dim``: factorised codes. The lookup happens in a low-dimensional space
   (``embed_dim -> codebook_dim`` by ``proj_in``, back by ``proj_out``).
-- ``restart_dead_codes``: a code unused for that many consecutive training forwards (never fewer
-  than it takes to see each code 8 times on average: :meth:`VectorQuantizer.dead_code_window`) is
-  re-initialised from a random encoder output of the current batch.
+- ``restart_dead_codes``: U > 0 restarts a code that went unused while the quantizer saw
+  U × ``n_embed`` encoder outputs in training (over all ranks: as long as a uniformly used codebook
+  takes to use each code U times): it is re-initialised from a random encoder output of the
+  current batch. Counted in vectors, not steps, so the rule is the same on any worker count,
+  batch size or accumulation, and a healthy large codebook is not restarted by chance (U = 8:
+  P(unused) = e^-8 for a uniformly used code).
 
 The codebook is updated in place during ``forward`` (EMA, restarts) only in training mode; in eval
 mode the module is a pure, deterministic function of its input.
@@ -40,7 +43,6 @@ after every ``engine.step()``), which consumes it with
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -52,9 +54,6 @@ from torch import Tensor, nn
 # Upper bound on elements of one [rows, n_embed] distance block; larger inputs are processed in
 # row chunks so that tokenizing a big batch against a 16k codebook does not allocate gigabytes.
 _MAX_DISTANCE_ELEMENTS = 1 << 24
-# A code counts as dead only after a window in which a uniform codebook would use each code this
-# many times on average (P(unused) = e^-8 ~ 3e-4 for a healthy code); see dead_code_window.
-_DEAD_CODE_EXPECTED_USES = 8
 
 
 @dataclass
@@ -70,7 +69,8 @@ class QuantizerConfig:
     ema_eps: float = 1e-5
     l2_normalize: bool = False
     codebook_dim: int | None = None
-    restart_dead_codes: int = 0  # steps a code may stay unused before a restart; 0 = off
+    # A code unused while U x n_embed vectors went by is restarted (U = restart_dead_codes); 0 = off
+    restart_dead_codes: int = 0
 
     @property
     def lookup_dim(self) -> int:
@@ -145,7 +145,7 @@ class VectorQuantizer(nn.Module):
 
     Parameters (state-dict keys): ``embedding.weight`` [n_embed, lookup_dim] (same name and init as
     the reference), ``proj_in``/``proj_out`` (only with ``codebook_dim``), and buffers
-    ``ema_cluster_size``/``ema_embed_sum`` (only with ``use_ema``) and ``unused_steps`` (only with
+    ``ema_cluster_size``/``ema_embed_sum`` (only with ``use_ema``) and ``unused_vectors`` (only with
     ``restart_dead_codes``).
     """
 
@@ -168,7 +168,8 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("ema_cluster_size", torch.ones(k))
             self.register_buffer("ema_embed_sum", self.embedding.weight.detach().clone())
         if config.restart_dead_codes > 0:
-            self.register_buffer("unused_steps", torch.zeros(k, dtype=torch.long))
+            # Training vectors (all ranks) quantized since each code was last used.
+            self.register_buffer("unused_vectors", torch.zeros(k, dtype=torch.long))
         # Code counts of the training forwards since the last take_window_stats() (summed over
         # ranks): codebook health as logged during training. Not persistent: a monitoring
         # window, not model state, so state dicts stay the reference's.
@@ -296,22 +297,17 @@ class VectorQuantizer(nn.Module):
             weight = F.normalize(weight, dim=1)
         self.embedding.weight.copy_(weight)
 
-    def dead_code_window(self, vectors: float) -> int:
-        """Training forwards a code may stay unused before it is restarted, when each forward
-        quantizes ``vectors`` vectors (summed over ranks): ``restart_dead_codes``, but never
-        fewer than it takes a uniformly used codebook to see every code
-        ``_DEAD_CODE_EXPECTED_USES`` times on average. Without that floor a large codebook
-        trained with small batches (16,384 codes, 2,048 vectors a step: 2.5 expected uses in 20
-        steps) would restart ~8% of its perfectly healthy codes every window, by chance."""
-        floor = math.ceil(_DEAD_CODE_EXPECTED_USES * self.config.n_embed / max(vectors, 1.0))
-        return max(self.config.restart_dead_codes, floor)
+    def dead_code_limit(self) -> int:
+        """Vectors a code may go unused before it is restarted: ``restart_dead_codes`` x
+        ``n_embed``, the span in which a uniformly used codebook uses each code that often."""
+        return self.config.restart_dead_codes * self.config.n_embed
 
     def _restart_dead_codes(self, z_look: Tensor, counts: Tensor) -> None:
-        """Re-initialise codes unused for :meth:`dead_code_window` forwards from batch
-        vectors."""
-        self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
-        window = self.dead_code_window(float(counts.sum()))
-        dead = (self.unused_steps >= window).nonzero().squeeze(1)
+        """Re-initialise codes unused for :meth:`dead_code_limit` vectors from batch vectors.
+        ``counts`` are summed over ranks, so every rank restarts the same rows."""
+        seen = counts.sum().round().long()
+        self.unused_vectors.add_(seen).masked_fill_(counts > 0, 0)
+        dead = (self.unused_vectors >= self.dead_code_limit()).nonzero().squeeze(1)
         if dead.numel() == 0:
             return
         # Sample without replacement when the batch has enough vectors.
@@ -328,7 +324,7 @@ class VectorQuantizer(nn.Module):
         if self.config.use_ema:
             self.ema_cluster_size[dead] = 1.0
             self.ema_embed_sum[dead] = new
-        self.unused_steps[dead] = 0
+        self.unused_vectors[dead] = 0
 
     @torch.no_grad()
     def take_window_stats(self) -> dict[str, float]:

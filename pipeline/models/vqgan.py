@@ -51,14 +51,14 @@ class VQGANConfig:
     # recipe, not the reference's (l2_normalize False, codebook_dim None, restart_dead_codes 0:
     # pipeline.models.convert.REFERENCE_QUANTIZER): unit-norm 8-dimensional codes (LlamaGen's
     # lookup) plus dead-code restarts. On the demo the reference's quantizer keeps ~12% of its
-    # codes in use, this recipe ~94% at +5 dB PSNR (bench/codebook.py, README "Codebook health").
+    # codes in use, this recipe ~90% at +3 dB PSNR (bench/codebook.py, README "Codebook health").
     beta: float = 0.25
     legacy_beta: bool = False
     use_ema: bool = False
     ema_decay: float = 0.99
     l2_normalize: bool = True
     codebook_dim: int | None = 8
-    restart_dead_codes: int = 10
+    restart_dead_codes: int = 40
 
     @property
     def downsample_factor(self) -> int:

@@ -139,8 +139,8 @@ def test_z_q_is_exactly_the_codes_and_gradients_flow(options):
 
 def test_dead_code_restart_replaces_unused_codes():
     codebook = torch.stack([torch.zeros(3)] + [torch.full((3,), 100.0 + i) for i in range(7)])
-    q = make(codebook, restart_dead_codes=2).train()
-    zv = torch.randn(32, 3) * 0.1  # all nearest to code 0; 32 vectors: 8 x 8 codes in 2 steps
+    q = make(codebook, restart_dead_codes=8).train()  # dead after 8 x 8 codes = 64 vectors
+    zv = torch.randn(32, 3) * 0.1  # all nearest to code 0; 32 vectors a forward
     q(as_map(zv))
     assert torch.equal(q.embedding.weight, codebook)  # unused for one step: not yet dead
     q(as_map(zv))
@@ -148,17 +148,26 @@ def test_dead_code_restart_replaces_unused_codes():
     assert torch.equal(w[0], codebook[0])  # the used code is kept
     for k in range(1, 8):  # every dead code is now one of the batch's vectors
         assert (zv - w[k]).abs().amax(dim=1).min() == 0
-    assert q.unused_steps.tolist() == [0] * 8
+    assert q.unused_vectors.tolist() == [0] * 8
     # After the restart the batch spreads over several codes.
     assert q(as_map(zv)).usage > 1 / 8
 
 
-def test_dead_code_window_never_restarts_a_healthy_codebook_by_chance():
-    q = VectorQuantizer(QuantizerConfig(n_embed=16384, embed_dim=4, restart_dead_codes=20))
-    assert q.dead_code_window(2048) == 64  # 64 steps x 2,048 vectors = 8 uses per code
-    assert q.dead_code_window(8 * 16384) == 20  # big batches: the configured window
-    assert VectorQuantizer(QuantizerConfig(n_embed=128, embed_dim=4, restart_dead_codes=20)
-                           ).dead_code_window(1024) == 20  # the demo: 8 x 128 / 1,024 = 1
+def test_dead_codes_are_counted_in_vectors_not_forwards():
+    """The same vectors in one forward or in three give the same restart: the rule does not
+    depend on the batch size, the worker count or accumulation."""
+    codebook = torch.stack([torch.zeros(2)] + [torch.full((2,), 100.0 + i) for i in range(3)])
+    zv = torch.randn(12, 2) * 0.1  # all nearest to code 0
+    once = make(codebook, restart_dead_codes=3).train()  # limit 3 x 4 codes = 12 vectors
+    assert once.dead_code_limit() == 12
+    once(as_map(zv))
+    assert once.take_pending_restart()[0].tolist() == [1, 2, 3]
+    thrice = make(codebook, restart_dead_codes=3).train()
+    thrice(as_map(zv[:4]))
+    thrice(as_map(zv[4:8]))
+    assert thrice.take_pending_restart() is None and thrice.unused_vectors.tolist() == [0, 8, 8, 8]
+    thrice(as_map(zv[8:]))
+    assert thrice.take_pending_restart()[0].tolist() == [1, 2, 3]
 
 
 def test_restart_is_training_only():

@@ -3,7 +3,8 @@
 Real DeepSpeed engines in this process (gloo, world size 1; an opt-in test runs two ranks in
 spawned processes, ``TEST_TWO_RANKS=1``). The codebook starts with one code
 at the data and fifteen far away (rows 1..15 at 10 + i), so those fifteen die after
-``restart_dead_codes=2`` steps and are restarted from batch vectors (|v| < 1). A restarted row
+two steps (``restart_dead_codes=16``: 16 x 16 codes = 256 vectors, two batches of 128) and are
+restarted from batch vectors (|v| < 1). A restarted row
 must then stay at its new vector, in the module parameter and in the fp32 master, through the
 following optimizer steps; without ``apply_codebook_restarts`` ZeRO pulls it back to ~10 + i.
 """
@@ -54,7 +55,7 @@ class Tiny(nn.Module):
         super().__init__()
         self.proj = nn.Linear(DIM, DIM)
         self.quant = VectorQuantizer(QuantizerConfig(n_embed=N_EMBED, embed_dim=DIM,
-                                                     restart_dead_codes=2, use_ema=use_ema))
+                                                     restart_dead_codes=16, use_ema=use_ema))
         with torch.no_grad():
             self.proj.weight.copy_(torch.eye(DIM))
             self.proj.bias.zero_()
