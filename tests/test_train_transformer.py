@@ -103,5 +103,7 @@ def test_train_transformer_zero3(ray_session, tmp_path):
     assert c["outputs"]["steps"] == 40 and c["outputs"]["samples_seen"] == 40 * 32
     wc = _weights(c)
     for k in wa:
-        torch.testing.assert_close(wc[k], wa[k], rtol=1e-3, atol=1e-4,
+        # atol: Adam turns summation-order noise in a near-zero gradient into a step of up to
+        # lr (3e-3) on that element; a wrong batch or noise draw moves every tensor by far more.
+        torch.testing.assert_close(wc[k], wa[k], rtol=1e-3, atol=5e-4,
                                    msg=lambda m, k=k: f"{k}: 2→1→2 workers: {m}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Any
 
 from pipeline.ray_tasks import cluster_resources, require
@@ -33,9 +34,49 @@ def ray_storage(uri: str, storage: Storage) -> tuple[str, Any]:
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def check_resources(tc: TrainConfig) -> None:
-    """ResourceError with the knob to turn when the workers cannot all be scheduled."""
+# How long a training stage waits for CPUs/GPUs it lacks when the cluster has lost a node (its
+# replacement, or the node itself, may be rejoining) before it fails with ResourceError.
+LOST_NODE_WAIT_S = 120.0
+
+
+def lost_nodes() -> int:
+    """Nodes the Ray cluster knows as dead (lost since it started)."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if not n.get("Alive", False))
+
+
+def wait_for_capacity(tc: TrainConfig, timeout_s: float | None = None,
+                      poll_s: float = 2.0) -> dict[str, float]:
+    """The cluster's resources, once they can host the fewest workers ``tc`` may run on; after a
+    lost node, waits up to ``timeout_s`` for them (a node just restarted, or the autoscaler's
+    replacement, joins seconds to minutes later; default :data:`LOST_NODE_WAIT_S`). Without a
+    lost node, returns at once: an embedded or static cluster will not grow, so check_resources
+    fails fast."""
+    timeout_s = LOST_NODE_WAIT_S if timeout_s is None else timeout_s
+    fewest = tc.worker_counts()[0]
+    need = {"CPU": fewest * tc.cpus_per_worker, "GPU": float(fewest) if tc.use_gpu else 0.0}
+
+    def short(total: dict[str, float]) -> bool:
+        return any(total.get(k, 0.0) + 1e-9 < v for k, v in need.items())
+
     total = cluster_resources()
+    if not short(total) or not lost_nodes():
+        return total
+    log.warning("training needs %s but the Ray cluster has %s after losing a node: waiting up "
+                "to %.0f s for nodes to join", need, {k: total.get(k, 0.0) for k in need},
+                timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while short(total) and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        total = cluster_resources()
+    return total
+
+
+def check_resources(tc: TrainConfig) -> None:
+    """ResourceError with the knob to turn when the workers cannot all be scheduled (after
+    :func:`wait_for_capacity`)."""
+    total = wait_for_capacity(tc)
     fewest = tc.worker_counts()[0]  # elastic: the run can start on its minimum
     require(f"training ({fewest} workers × {tc.cpus_per_worker:g} CPUs)", "CPU",
             fewest * tc.cpus_per_worker, total.get("CPU", 0),

@@ -61,6 +61,24 @@ def test_lr_scale_by_batch_makes_lr_per_sample():
     assert TrainVQGANConfig(lr=1e-4, micro_batch=3, num_workers=8).base_lr == 1e-4
 
 
+def test_training_waits_for_capacity_only_after_a_lost_node(monkeypatch):
+    from pipeline.ray_tasks import ResourceError
+
+    tc = TrainConfig(num_workers=2, cpus_per_worker=1.0)
+    sizes = iter([{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 3.0}])
+    monkeypatch.setattr(launch, "cluster_resources", lambda: next(sizes))
+    monkeypatch.setattr(launch.time, "sleep", lambda s: None)
+    monkeypatch.setattr(launch, "lost_nodes", lambda: 0)
+    with pytest.raises(ResourceError, match="needs 2 CPUs but the Ray cluster has 1"):
+        launch.check_resources(tc)  # nothing was lost: the cluster will not grow, fail fast
+    monkeypatch.setattr(launch, "lost_nodes", lambda: 1)
+    assert launch.wait_for_capacity(tc, timeout_s=60) == {"CPU": 3.0}  # the node came back
+    monkeypatch.setattr(launch, "cluster_resources", lambda: {"CPU": 1.0})
+    monkeypatch.setattr(launch, "LOST_NODE_WAIT_S", 0.2)
+    with pytest.raises(ResourceError, match="needs 2 CPUs"):
+        launch.check_resources(tc)  # never back: fails after the wait
+
+
 def reference_weights(steps: int, world: int = 2, grad_accum: int = 2, micro: int = 4,
                       lr: float = 0.05) -> dict[str, torch.Tensor]:
     """Plain single-process data parallelism: what ZeRO-2 over ``world`` ranks must compute."""
