@@ -165,15 +165,16 @@ def _fmt_seconds(s: float | None) -> str:
 
 
 def cmd_status(args: argparse.Namespace, pipe: Pipeline) -> int:
-    """Print each stage's state (done / partial / pending), output URI, fingerprint, timing."""
+    """Print each stage's state (done / partial / pending / skipped: not part of this run, the
+    reason in place of the finish time), output URI, fingerprint, timing."""
     cfg = _load(pipe, args)
     rows = pipe.status(cfg, Storage.from_config(cfg.storage))
     if args.json:
         print(json.dumps([r.__dict__ for r in rows], indent=2))
         return 0
     table = [("STAGE", "STATE", "FINISHED", "TOOK", "FINGERPRINT", "OUTPUT")]
-    table += [(r.name, r.state, r.finished_at or "-", _fmt_seconds(r.seconds), r.fingerprint[:12],
-               r.uri) for r in rows]
+    table += [(r.name, r.state, r.finished_at or r.reason or "-", _fmt_seconds(r.seconds),
+               r.fingerprint[:12], "-" if r.state == "skipped" else r.uri) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])

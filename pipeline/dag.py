@@ -62,6 +62,10 @@ class Stage:
     report: Callable[[Any], dict[str, Any]] | None = None
     # The record type of its outputs (pipeline.manifests); None: a plain dict.
     outputs: type[Record] | None = None
+    # Optional: why a run with this (whole) config does not need the stage, or None when it does
+    # (the condition VQGAN of a run without conditions). Such a stage is left out of the run: no
+    # folder, no manifest, and no part of its downstream stages' fingerprints.
+    skip_reason: Callable[[Any], str | None] | None = None
 
     def parse_outputs(self, manifest: dict[str, Any]) -> Any:
         """A finished manifest's outputs as this stage's record (ManifestError when a field is
@@ -103,6 +107,10 @@ class StageContext:
     upstream_stages: dict[str, Stage] = field(default_factory=dict, repr=False)
     _tracker: Tracker | None = field(default=None, repr=False)
 
+    def has_input(self, name: str) -> bool:
+        """Whether upstream ``name`` is part of this run (False: its ``skip_reason`` applies)."""
+        return name in self.inputs
+
     def input(self, name: str) -> Any:
         """Upstream stage ``name``'s outputs, typed (its ``Stage.outputs`` record)."""
         if name not in self.inputs:
@@ -130,16 +138,18 @@ class PlannedStage:
     stage: Stage
     fingerprint: str
     uri: str
+    skipped: str | None = None  # why this run leaves the stage out (Stage.skip_reason)
 
 
 @dataclass
 class StageStatus:
     name: str
-    state: str  # done | partial | pending
+    state: str  # done | partial | pending | skipped
     uri: str
     fingerprint: str
     finished_at: str | None = None
     seconds: float | None = None
+    reason: str | None = None  # skipped: why the run leaves the stage out
 
 
 class StageFailed(RuntimeError):
@@ -198,15 +208,20 @@ class Pipeline:
         return join(normalize_root(cfg.storage.root), cfg.run)
 
     def plan(self, cfg: Any) -> list[PlannedStage]:
-        """Fingerprint and output URI of every stage, in order."""
+        """Fingerprint and output URI of every stage, in order; a stage the run skips
+        (``Stage.skip_reason``) is planned with its reason and is no upstream of any other."""
         fps: dict[str, str] = {}
         out = []
         for name in self.order:
             stage = self.stages[name]
-            fp = fingerprint(name, getattr(cfg, name), {u: fps[u] for u in stage.upstream},
+            fp = fingerprint(name, getattr(cfg, name),
+                             {u: fps[u] for u in stage.upstream if u in fps},
                              stage.version, cfg.seed)
-            fps[name] = fp
-            out.append(PlannedStage(stage, fp, stage_folder(self.run_uri(cfg), name, fp)))
+            skipped = stage.skip_reason(cfg) if stage.skip_reason else None
+            if skipped is None:
+                fps[name] = fp
+            out.append(PlannedStage(stage, fp, stage_folder(self.run_uri(cfg), name, fp),
+                                    skipped))
         return out
 
     def _check_names(self, names: Iterable[str], flag: str) -> None:
@@ -260,6 +275,10 @@ class Pipeline:
     def status(self, cfg: Any, storage: Storage) -> list[StageStatus]:
         rows = []
         for p in self.plan(cfg):
+            if p.skipped is not None:
+                rows.append(StageStatus(p.stage.name, "skipped", p.uri, p.fingerprint,
+                                        reason=p.skipped))
+                continue
             manifest = storage.read_manifest(p.uri)
             if manifest is not None:
                 rows.append(StageStatus(p.stage.name, "done", p.uri, p.fingerprint,
@@ -303,7 +322,9 @@ class Pipeline:
             "config": to_dict(cfg),
             "stages": {p.stage.name: {"fingerprint": p.fingerprint, "uri": p.uri,
                                       "upstream": list(p.stage.upstream),
-                                      "version": p.stage.version} for p in plan},
+                                      "version": p.stage.version,
+                                      **({"skipped": p.skipped} if p.skipped else {})}
+                       for p in plan},
         })
         return uri
 
@@ -331,8 +352,13 @@ class Pipeline:
         ray_ready = False
         for name in selected:
             p = plan[name]
+            if p.skipped is not None:
+                log.info("[%s] not part of this run: %s", name, p.skipped)
+                continue
             inputs: dict[str, dict[str, Any]] = {}
             for up in p.stage.upstream:
+                if plan[up].skipped is not None:
+                    continue
                 m = manifests.get(up) or storage.read_manifest(plan[up].uri)
                 if m is None:
                     raise SelectionError(
@@ -387,7 +413,7 @@ class Pipeline:
         log.info("[%s] %s: %s", name, "resuming" if resumed else "running", p.uri)
         ctx = StageContext(name=name, fingerprint=p.fingerprint, uri=p.uri,
                            cfg=getattr(cfg, name), root_cfg=cfg, storage=storage, inputs=inputs,
-                           upstream_stages={u: self.stages[u] for u in p.stage.upstream},
+                           upstream_stages={u: self.stages[u] for u in inputs},
                            tracker_spec=None if secondary else self.tracker_spec(cfg, p),
                            local=local)
         started, t0 = _now(), time.perf_counter()
@@ -413,8 +439,8 @@ class Pipeline:
             "version": p.stage.version,
             "package_version": __version__,
             "uri": p.uri,
-            "upstream": {u: inputs[u]["fingerprint"] for u in p.stage.upstream},
-            "upstream_outputs": {u: outputs_digest(inputs[u]) for u in p.stage.upstream},
+            "upstream": {u: m["fingerprint"] for u, m in inputs.items()},
+            "upstream_outputs": {u: outputs_digest(m) for u, m in inputs.items()},
             "config": to_dict(getattr(cfg, name)),
             "started_at": started,
             "finished_at": _now(),

@@ -215,6 +215,15 @@ class VQGANOutputs(Record):
 
 
 @dataclass(frozen=True)
+class CondVQGANOutputs(VQGANOutputs):
+    """train_cond_vqgan: train_vqgan's outputs for the condition VQGAN, plus what it encodes."""
+
+    STAGE: ClassVar[str] = "train_cond_vqgan"
+
+    condition: dict[str, Any] = field(default_factory=dict)  # kind, classes, channels
+
+
+@dataclass(frozen=True)
 class ExportRef(Record):
     """The VQGAN export a tokenize stage encoded with, identified by its bytes."""
 

@@ -116,6 +116,8 @@ def write_report(pipe: Any, cfg: Any, storage: Storage) -> str:
     run_uri = pipe.run_uri(cfg)
     rows = []
     for p in pipe.plan(cfg):
+        if p.skipped is not None:  # not part of this run (e.g. no condition maps to encode)
+            continue
         manifest = storage.read_manifest(p.uri)
         row = {"name": p.stage.name, "uri": p.uri, "seconds": None, "finished_at": None,
                "section": None, "state": "pending"}

@@ -1,4 +1,5 @@
-"""train_vqgan: the VQGAN (generator + patch discriminator) trained by DeepSpeed under Ray Train.
+"""train_vqgan: the VQGAN (generator + patch discriminator) trained by DeepSpeed under Ray Train;
+and train_cond_vqgan, the same stage over the condition maps (``COND_STAGE``, at the end).
 
 Reads the shard stage's train/val shards; writes Ray Train checkpoints (``train/checkpoint-*``),
 ``export/vqgan.pt`` + ``export/vqgan.json``, input|reconstruction grids (``images/``) and
@@ -24,8 +25,9 @@ from typing import Any, ClassVar
 
 from pipeline.config import ConfigError, no_fingerprint
 from pipeline.dag import Stage, StageContext
+from pipeline.data.conditions import ConditionInput, parse_kind
 from pipeline.fid import FIDConfig
-from pipeline.manifests import Export, ShardOutputs, VQGANOutputs
+from pipeline.manifests import CondVQGANOutputs, Export, ShardOutputs, VQGANOutputs
 from pipeline.models.discriminator import DiscriminatorConfig
 from pipeline.models.loss import VQGANLossConfig
 from pipeline.models.vqgan import CONFIG_NAME, WEIGHTS_NAME, VQGANConfig
@@ -164,34 +166,59 @@ def micro_step(g: Any, d: Any, loss_fn: Any, x: Any, step: int) -> dict[str, Any
     return {k: v.detach() for k, v in logs.items()}
 
 
-def evaluate(model: Any, lpips: Any, storage: Storage, shards: list[str], size: int,
-             limit: int, batch: int = 16, rfid: Any = None) -> dict[str, float]:
-    """Reconstruction metrics over (at most ``limit`` images of) ``shards``; fp32, no grad, on
-    the model's device. With ``rfid`` (a :class:`pipeline.fid.PairedFID`) also ``rfid``: the
-    reconstructions' FID against the inputs (left out when too few images)."""
+def recon_scores(x: Any, recon: Any, segmentation: bool = False) -> dict[str, Any]:
+    """Per-image reconstruction scores, ``[B]`` each: PSNR and SSIM of images or one-channel
+    maps in [-1, 1]; for one-hot label maps and per-class logits (``segmentation``) the pixel
+    accuracy and the mean IoU over the classes present in the truth or the prediction."""
     import torch
 
-    from pipeline.data.loader import eval_batches
     from pipeline.metrics import psnr, ssim
 
+    if not segmentation:
+        return {"psnr": psnr(x, recon), "ssim": ssim(x, recon)}
+    k = x.shape[1]
+    truth, pred = x.argmax(1), recon.argmax(1)  # [B, H, W]
+    accuracy = (truth == pred).flatten(1).double().mean(1)
+    t = torch.nn.functional.one_hot(truth, k).flatten(1, 2).bool()  # [B, HW, K]
+    p = torch.nn.functional.one_hot(pred, k).flatten(1, 2).bool()
+    inter, union = (t & p).sum(1).double(), (t | p).sum(1).double()  # [B, K]
+    present = union > 0
+    iou = torch.where(present, inter / union.clamp_min(1), torch.zeros_like(inter))
+    return {"pixel_accuracy": accuracy, "miou": iou.sum(1) / present.sum(1)}
+
+
+def evaluate(model: Any, lpips: Any, storage: Storage, shards: list[str], size: int,
+             limit: int, batch: int = 16, rfid: Any = None, reader: Any = None
+             ) -> dict[str, float]:
+    """Reconstruction metrics over (at most ``limit`` images of) ``shards``; fp32, no grad, on
+    the model's device. With ``rfid`` (a :class:`pipeline.fid.PairedFID`) also ``rfid``: the
+    reconstructions' FID against the inputs (left out when too few images). ``reader``: what
+    the model encodes (:func:`pipeline.data.loader.image_batches`; default the images), scored
+    by :func:`recon_scores`."""
+    import torch
+
+    from pipeline.data.loader import IMAGES, eval_batches
+
+    reader = reader or IMAGES
+    segmentation = getattr(reader, "kind", None) == "segmentation"
     model.eval()
     device = next(model.parameters()).device
     n = 0
-    sums = {k: torch.zeros((), dtype=torch.float64, device=device)
-            for k in ("psnr", "ssim", "lpips")}
+    sums: dict[str, Any] = {}
     hist = torch.zeros(model.config.n_embed, dtype=torch.float64, device=device)
     if rfid is not None:
         rfid.begin()
     with torch.no_grad():
-        for x, _ in eval_batches(storage, shards, batch, size, limit=limit):
+        for x, _ in eval_batches(storage, shards, batch, size, limit=limit, reader=reader):
             x = x.to(device, non_blocking=True)
             recon, quant = model(x)
             if rfid is not None:
                 rfid.add(x, recon)
-            sums["psnr"] += psnr(x, recon).double().sum()
-            sums["ssim"] += ssim(x, recon).double().sum()
+            scores = recon_scores(x, recon, segmentation)
             if lpips is not None:
-                sums["lpips"] += lpips(x, recon).double().sum()
+                scores["lpips"] = lpips(x, recon)
+            for k, v in scores.items():
+                sums[k] = sums.get(k, 0.0) + v.double().sum()
             hist += torch.bincount(quant.indices.flatten(), minlength=len(hist)).double()
             n += len(x)
     if n == 0:
@@ -200,8 +227,6 @@ def evaluate(model: Any, lpips: Any, storage: Storage, shards: list[str], size: 
     p = hist / hist.sum()
     entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
     out = {k: float(v) / n for k, v in sums.items()}
-    if lpips is None:
-        out.pop("lpips")
     out.update({"images": n, "codebook_usage": float((hist > 0).double().mean()),
                 "perplexity": math.exp(entropy), "dead_codes": int((hist == 0).sum())})
     if rfid is not None and (value := rfid.end()) is not None:
@@ -209,9 +234,10 @@ def evaluate(model: Any, lpips: Any, storage: Storage, shards: list[str], size: 
     return out
 
 
-def save_grid(model: Any, x: Any, storage: Storage, uri: str, step: int, tracker: Any) -> str:
+def save_grid(model: Any, x: Any, storage: Storage, uri: str, step: int, tracker: Any,
+              reader: Any = None) -> str:
     """Input | reconstruction pairs of ``x`` (on the model's device) as a PNG and to the
-    tracker."""
+    tracker; a condition ``reader`` renders its maps as RGB first (``preview``)."""
     import torch
 
     from pipeline.metrics import pairs_grid, png_bytes, upscale
@@ -221,7 +247,10 @@ def save_grid(model: Any, x: Any, storage: Storage, uri: str, step: int, tracker
     with torch.no_grad():
         recon = model(x).recon.float()
     model.train(was_training)
-    image = pairs_grid(x.cpu(), recon.cpu(), cols=4)
+    x, recon = x.cpu(), recon.cpu()
+    if reader is not None and hasattr(reader, "preview"):
+        x, recon = reader.preview(x), reader.preview(recon)
+    image = pairs_grid(x, recon, cols=4)
     image = upscale(image, max(1, 64 // x.shape[-1]))  # cells of >= 64 px to look at
     out = join(uri, "images", f"recon-{step:08d}.png")
     storage.write_bytes(out, png_bytes(image))
@@ -254,6 +283,8 @@ class VQGANTask:
 
         cfg: TrainVQGANConfig = spec.cfg
         self.cfg, self.ctx, self.spec = cfg, ctx, spec
+        # What the VQGAN encodes: the images, or the shards' condition maps (train_cond_vqgan).
+        self.reader = spec.args.get("reader")
         device = ctx.device
         model, disc = VQGAN(cfg.model), NLayerDiscriminator(cfg.disc)
         if cfg.init_from and not spec.resuming:  # a resume restores its own checkpoint instead
@@ -278,7 +309,11 @@ class VQGANTask:
                                        enabled=cfg.precision == "bf16")
         vis_shards = spec.args["val"] or spec.args["train"]
         self.vis = next(eval_batches(spec.storage, vis_shards, cfg.grid_images,
-                                     cfg.model.resolution))[0].to(device)
+                                     cfg.model.resolution,
+                                     **self._read()))[0].to(device)
+
+    def _read(self) -> dict[str, Any]:
+        return {"reader": self.reader} if self.reader is not None else {}
 
     def _winograd(self, model: Any) -> None:
         from pipeline.kernels.winograd import enable_winograd
@@ -297,7 +332,7 @@ class VQGANTask:
         for x, labels, pos in image_batches(spec.storage, stream, cfg.micro_batch,
                                             cfg.model.resolution, position=position,
                                             random_flip=cfg.random_flip,
-                                            random_crop=cfg.random_crop):
+                                            random_crop=cfg.random_crop, **self._read()):
             yield (x, labels), pos
 
     def step(self, batch: Any, step: int, micro: int) -> dict[str, Any]:
@@ -316,17 +351,20 @@ class VQGANTask:
 
     def images(self, step: int, tracker: Any) -> None:
         if self.ctx.is_main:
-            save_grid(self.g.module, self.vis, self.spec.storage, self.spec.uri, step, tracker)
+            save_grid(self.g.module, self.vis, self.spec.storage, self.spec.uri, step, tracker,
+                      self.reader)
 
     def finish(self, state: Any, tracker: Any) -> None:
         if self.ctx.is_main:
             spec = self.spec
             export(self.g.module, self.cfg, self.lpips, spec.storage, spec.uri, spec.seed,
-                   spec.args["val"] or spec.args["train"], tracker, state, self.ctx.device)
+                   spec.args["val"] or spec.args["train"], tracker, state, self.ctx.device,
+                   self.reader)
 
 
 def export(module: Any, cfg: TrainVQGANConfig, lpips: Any, storage: Storage, uri: str, seed: int,
-           val: list[str], tracker: Any, state: Any, device: Any = "cpu") -> None:
+           val: list[str], tracker: Any, state: Any, device: Any = "cpu",
+           reader: Any = None) -> None:
     """Write export/vqgan.{pt,json} (fp32), then eval.json (trained vs untrained, evaluated on
     ``device``; ``rfid``: what the rFID figures are, or why they are absent), rank 0."""
     import torch
@@ -342,10 +380,10 @@ def export(module: Any, cfg: TrainVQGANConfig, lpips: Any, storage: Storage, uri
     # One PairedFID for both models: the val inputs' features are computed once.
     rfid = PairedFID(inception, cfg.fid.images, "val inputs") if inception is not None else None
     trained = evaluate(model.to(device), lpips, storage, val, cfg.model.resolution,
-                       cfg.eval_images, rfid=rfid)
+                       cfg.eval_images, rfid=rfid, reader=reader)
     torch.manual_seed(seed)
     untrained = evaluate(VQGAN(cfg.model).to(device), lpips, storage, val, cfg.model.resolution,
-                         cfg.eval_images, rfid=rfid)
+                         cfg.eval_images, rfid=rfid, reader=reader)
     result = {"step": state.step, "samples_seen": state.samples_seen, "trained": trained,
               "untrained": untrained, "rfid": rfid.record() if rfid is not None else absent}
     storage.write_json(join(uri, "eval.json"), result)
@@ -356,7 +394,7 @@ def export(module: Any, cfg: TrainVQGANConfig, lpips: Any, storage: Storage, uri
 
 
 def export_pretrained(cfg: TrainVQGANConfig, storage: Storage, uri: str, seed: int,
-                      shards: list[str]) -> str:
+                      shards: list[str], reader: Any = None) -> str:
     """Pretrained mode (``steps: 0``): the ``init_from`` VQGAN, not trained further, exported
     and evaluated on ``shards`` (val, else train) as a training run's end would (``export/``,
     ``eval.json`` at step 0), plus one input | reconstruction grid, whose URI it returns. One
@@ -379,21 +417,24 @@ def export_pretrained(cfg: TrainVQGANConfig, storage: Storage, uri: str, seed: i
     lpips = None
     if cfg.loss.perceptual_weight > 0:  # as in training: LPIPS is evaluated when it is a loss
         lpips = build_lpips(cfg.perceptual, storage).to(device)
-    vis = next(eval_batches(storage, shards, cfg.grid_images, cfg.model.resolution))[0]
-    grid = save_grid(model, vis.to(device), storage, uri, 0, NullTracker())
-    export(model, cfg, lpips, storage, uri, seed, shards, NullTracker(), TrainState(), device)
+    read = {"reader": reader} if reader is not None else {}
+    vis = next(eval_batches(storage, shards, cfg.grid_images, cfg.model.resolution, **read))[0]
+    grid = save_grid(model, vis.to(device), storage, uri, 0, NullTracker(), reader)
+    export(model, cfg, lpips, storage, uri, seed, shards, NullTracker(), TrainState(), device,
+           reader)
     return grid
 
 
-def run_pretrained(ctx: StageContext, shards: list[str]) -> None:
+def run_pretrained(ctx: StageContext, shards: list[str], reader: Any = None,
+                   cfg: TrainVQGANConfig | None = None) -> None:
     """:func:`export_pretrained` as one Ray task (with a GPU for ``use_gpu``), or in this
     process for a run without Ray; then the stage's tracker gets the eval summary and the grid,
     as from a trained run's rank 0."""
     import numpy as np
     from PIL import Image
 
-    cfg: TrainVQGANConfig = ctx.cfg
-    call = (cfg, ctx.storage, ctx.uri, int(ctx.root_cfg.seed), shards)
+    cfg = cfg or ctx.cfg
+    call = (cfg, ctx.storage, ctx.uri, int(ctx.root_cfg.seed), shards, reader)
     if ctx.local:
         from pipeline.ray_tasks import require_one_process
 
@@ -516,3 +557,148 @@ def report(outputs: VQGANOutputs) -> dict[str, Any]:
 STAGE = Stage("train_vqgan", TrainVQGANConfig, run, upstream=("shard",), version=1,
               is_complete=is_complete, report=report, outputs=VQGANOutputs,
               help="VQGAN + discriminator, DeepSpeed under Ray Train")
+
+
+# -- train_cond_vqgan: the same training over the condition maps -------------------------------
+#
+# A VQGAN over the shards' condition maps (paper §4): the first half of the reference's Net2Net
+# setups (its ``cond_stage_config``), train_vqgan instantiated a second time in the DAG.
+#
+# The same training as train_vqgan (pipeline.train.loop, DeepSpeed under Ray Train, the same
+# config keys, checkpoints and export) with the condition map of each sample as the input
+# (``{key}.cond.png``, pipeline.data.conditions.ConditionInput) instead of its image, cropped and
+# flipped exactly as its image would be. By the shard manifest's ``condition.kind``:
+#
+# - ``segmentation``: one-hot input of ``classes`` channels, per-class logits out, binary
+#   cross-entropy reconstruction plus the codebook loss: the reference's ``VQSegmentationModel``
+#   with ``BCELossWithQuant``, so no discriminator. Scored by pixel accuracy and mean IoU.
+# - ``depth``, ``canny``, ``grayscale``: one channel in [-1, 1]: L1 (+ the patch GAN from
+#   ``loss.disc_start``, on one-channel maps). Scored by PSNR and SSIM.
+# - ``downsample:N`` and ``none``: no stage (a low-resolution image is an image: the image VQGAN
+#   encodes it), so the run skips this one.
+#
+# ``model.in_channels``, ``model.out_ch`` and ``disc.input_nc`` come from the condition; LPIPS and
+# rFID compare RGB images, so ``loss.perceptual_weight`` must stay 0 and ``fid`` off.
+
+
+COND_NAME = "train_cond_vqgan"
+COND_ENCODED = ("segmentation", "depth", "canny", "grayscale")  # kinds with a condition VQGAN
+
+
+@dataclass
+class TrainCondVQGANConfig(TrainVQGANConfig):
+    """train_vqgan's settings (README, "Conditional synthesis"); defaults differ in that no
+    RGB-only part is on: no perceptual loss (LPIPS), no rFID."""
+
+    loss: VQGANLossConfig = field(
+        default_factory=lambda: VQGANLossConfig(perceptual_weight=0.0))
+    # Unused (no perceptual loss); kept so the section has train_vqgan's keys.
+    perceptual: PerceptualConfig = field(
+        default_factory=lambda: PerceptualConfig(backbone="random"))
+    fid: FIDConfig = no_fingerprint(default_factory=lambda: FIDConfig(enabled=False))
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss.perceptual_weight > 0:
+            raise ConfigError("loss.perceptual_weight", "must be 0 for condition maps (LPIPS "
+                              "compares RGB images; the maps have 1 or `classes` channels)")
+        if self.fid.enabled:
+            raise ConfigError("fid.enabled", "must be false for condition maps (FID's "
+                              "InceptionV3 reads RGB images)")
+
+
+def cond_skip_reason(root_cfg: Any) -> str | None:
+    """Why a run with this config has no condition VQGAN (None: it has one)."""
+    kind = root_cfg.shard.condition.kind
+    base, _ = parse_kind(kind)
+    if base == "none":
+        return "shard.condition.kind is none"
+    if base not in COND_ENCODED:
+        return f"shard.condition.kind {kind}: the image VQGAN encodes those maps"
+    return None
+
+
+def resolve_cond(cfg: TrainCondVQGANConfig, reader: ConditionInput) -> TrainCondVQGANConfig:
+    """The config the condition's maps are trained with: channels from the condition; for label
+    maps the reference's segmentation loss (binary cross-entropy, no GAN)."""
+    c = reader.channels
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_channels=c, out_ch=c),
+                              disc=dataclasses.replace(cfg.disc, input_nc=c))
+    if reader.kind == "segmentation":
+        cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, rec_loss="bce",
+                                                                disc_factor=0.0))
+    cfg.validate()
+    return cfg
+
+
+def run_cond(ctx: StageContext) -> CondVQGANOutputs:
+    from pipeline.train.launch import launch
+
+    shard: ShardOutputs = ctx.input("shard")
+    if shard.condition is None:  # skip_reason keeps such runs away; a stale manifest may not
+        raise ValueError("the shard stage stored no condition maps (shard.condition.kind none)")
+    cond = shard.condition
+    reader = ConditionInput(cond.kind, cond.classes or 0)
+    cfg = resolve_cond(ctx.cfg, reader)
+    train, val = shard.uris("train"), shard.uris("val")
+    if not train:
+        raise ValueError("the shard stage produced no training samples")
+    if shard.resolution < cfg.model.resolution:
+        raise ValueError(f"{COND_NAME}.model.resolution={cfg.model.resolution} is larger than the "
+                         f"shards' maps ({shard.resolution} px)")
+    log.info("[%s] %s maps: %d channel(s), %s reconstruction%s", COND_NAME, cond.kind,
+             reader.channels, "binary cross-entropy" if cfg.loss.rec_loss == "bce" else "L1",
+             ", no GAN" if cfg.loss.disc_factor == 0 else
+             f", GAN from step {cfg.loss.disc_start}")
+    if cfg.steps == 0:  # pretrained mode: init_from as it is (validated: set)
+        run_pretrained(ctx, val or train, reader, cfg)
+        checkpoint = None
+    else:
+        checkpoint = launch(ctx, VQGANTask, {"train": train, "val": val, "reader": reader}, cfg)
+    ev = ctx.storage.read_json(join(ctx.uri, "eval.json"))
+    images = [u for u in ctx.storage.walk_files(join(ctx.uri, "images")) if u.endswith(".png")]
+    return CondVQGANOutputs(
+        steps=ev["step"],
+        samples_seen=ev["samples_seen"],
+        export=Export(weights=join(ctx.uri, "export", WEIGHTS_NAME),
+                      config=join(ctx.uri, "export", CONFIG_NAME)),
+        model=cfg.model.to_dict(),
+        latent_size=cfg.model.latent_size(),
+        eval=ev["trained"],
+        eval_untrained=ev["untrained"],
+        images=images,
+        checkpoint=checkpoint,
+        perceptual_backbone="none",
+        train_codebook=last_window(read_history(ctx.storage, join(ctx.uri, "history.jsonl"))),
+        rfid=ev.get("rfid", {}),
+        condition={"kind": cond.kind, "classes": cond.classes, "channels": reader.channels},
+    )
+
+
+def report_cond(outputs: CondVQGANOutputs) -> dict[str, Any]:
+    """The report's section: what is encoded, val scores (vs the untrained model), codebook
+    health, the last map | reconstruction grid."""
+    ev, ev0 = outputs.eval, outputs.eval_untrained
+    cond = outputs.condition
+    what = cond.get("kind", "?") + (f", {cond['classes']} classes" if cond.get("classes") else "")
+    metrics: dict[str, Any] = {"condition": what, "steps": outputs.steps}
+    for key, label in (("pixel_accuracy", "val pixel accuracy"), ("miou", "val mean IoU"),
+                       ("psnr", "val PSNR (dB)"), ("ssim", "val SSIM")):
+        if key in ev:
+            metrics[label] = f"{ev[key]:.4g}" + (f" (untrained {ev0[key]:.4g})" if key in ev0
+                                                 else "")
+    k = outputs.model.get("n_embed", 0)
+    used = round(ev["codebook_usage"] * k)
+    metrics["val codebook usage"] = f"{ev['codebook_usage']:.1%} ({used} of {k} codes)"
+    metrics["val code perplexity"] = ev["perplexity"]
+    recon = sorted(u for u in outputs.images if "/recon-" in u)
+    images = [(f"Condition map | reconstruction ({recon[-1].rsplit('/', 1)[-1]})", recon[-1])] \
+        if recon else []
+    return {"metrics": metrics, "images": images}
+
+
+COND_STAGE = Stage(COND_NAME, TrainCondVQGANConfig, run_cond, upstream=("shard",), version=1,
+                   is_complete=is_complete, report=report_cond, outputs=CondVQGANOutputs,
+                   skip_reason=cond_skip_reason,
+                   help="VQGAN over the condition maps (segmentation, depth, edges), as "
+                        "train_vqgan")

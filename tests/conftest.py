@@ -31,6 +31,10 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # FID's InceptionV3 runs at a few images/s on 2 CPU cores: off for the stages the suite runs
 # (recorded there as absent); tests/test_fid*.py turn it on where they measure it.
 os.environ["TAMING_FID"] = "0"
+# Ray Train's controller acts once per health-check interval (default 2 s): starting, finishing,
+# noticing a dead worker and shutting down each wait for it, ~5 s per fit. Missed checks are
+# tolerated for RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 min), so polling faster is safe.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.pop("RAY_ADDRESS", None)
 
 

@@ -113,7 +113,9 @@ def test_train_vqgan_end_to_end(ray_session, s3_endpoint, s3_bucket, tmp_path, m
     assert again["outputs"]["samples_seen"] == res["samples_seen"] + 10 * 16
     rows = read_history(storage, join(out["uri"], "history.jsonl"))
     assert [r["step"] for r in rows] == list(range(10, 71, 10))
-    assert rows[-1]["loss/rec"] < 1.3 * rows[-2]["loss/rec"], "continued, not restarted"
+    # Continued, not restarted: a fresh start would be back at step 10's loss and far below the
+    # step-60 PSNR (one logged step's loss is noisy with the GAN on; the val PSNR is not).
+    assert rows[-1]["loss/rec"] < rows[0]["loss/rec"], rows
     assert again["outputs"]["eval"]["psnr"] > res["eval"]["psnr"] - 1.0
 
     # The export loads in a fresh process and encodes/decodes.

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -47,7 +48,7 @@ VQ_STEPS, GPT_STEPS = 24, 40
 NODE_KILL_STEP = 6  # kill node2 once a training stage logged this step (a checkpoint at 5)
 DRIVER_KILL_STEP = 20  # kill the driver once train_transformer recovered and logged this
 VQ_BATCH, GPT_BATCH = 8 * 2, 16 * 2  # micro_batch x grad_accum x num_workers
-JOB_TIMEOUT_S = 360
+JOB_TIMEOUT_S = 900  # a ceiling: ~135 s on a fast 2-core machine, ~2.6x that on a slow one
 POLL_S = 0.5
 
 SHARD_CFG = ["shard.source=builtin:digits", "shard.resolution=16", "shard.samples_per_shard=32",
@@ -196,6 +197,12 @@ def _tail(text: str, n: int = 6000) -> str:
     return text[-n:]
 
 
+def _pipeline_lines(text: str, n: int = 8000) -> str:
+    """The driver's own log lines (``HH:MM:SS L message``), without Ray's: the stage timeline."""
+    lines = [ln for ln in text.splitlines() if re.match(r"\d\d:\d\d:\d\d [DIWE] ", ln)]
+    return _tail("\n".join(lines), n)
+
+
 # -- the test ------------------------------------------------------------------------------------
 
 
@@ -223,7 +230,9 @@ def test_node_and_driver_loss(two_node_cluster, s3_endpoint, s3_bucket, tmp_path
         nodes = "\n".join(f"--- {x.name}\n{x.log_tail()}" for x in (cluster.head, cluster.node2)
                           if x)
         pytest.fail(f"{msg}\nevents: {json.dumps(events, indent=1, default=str)}\n"
-                    f"{chr(10).join(diag)}\n--- job {job_id} logs (tail)\n{_tail(logs)}\n{nodes}")
+                    f"{chr(10).join(diag)}\n--- job {job_id}: pipeline log lines\n"
+                    f"{_pipeline_lines(logs)}\n--- job {job_id} logs (tail)\n{_tail(logs, 3000)}\n"
+                    f"{nodes}")
 
     def kill_node2(stage: str, **info: Any) -> None:
         t = cluster.kill_worker_node()
@@ -412,4 +421,5 @@ def test_node_and_driver_loss(two_node_cluster, s3_endpoint, s3_bucket, tmp_path
                       for s in events},
         "job1_s": round(t_resubmit - t_start, 1), "job2_s": round(t_end - t_resubmit, 1),
         "references_s": round(t_ref, 1)}, default=str))
+    print(f"[two-nodes] job 1 timeline:\n{_pipeline_lines(job_logs(cluster, job1))}")
 

@@ -358,8 +358,78 @@ def condition_tensor(data: bytes, kind: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(condition_array(data, kind)))
 
 
+# -- the condition VQGAN's input (train_cond_vqgan, tokenize) ---------------------------------
+
+
+@dataclass(frozen=True)
+class ConditionInput:
+    """How the condition VQGAN reads a stored condition: ``array`` gives the HWC map that
+    :func:`pipeline.data.loader.augment` crops (with the image's crop rule, so a sample's
+    condition and image crops line up), ``tensor`` the model input.
+
+    segmentation: one-hot ``[classes, H, W]`` in {0, 1} (the reference's segmentation VQGAN
+    input; its output is per-class logits); depth / canny / grayscale: ``[1, H, W]`` in
+    [-1, 1]. ``downsample`` has no condition VQGAN: the image VQGAN encodes those maps.
+    """
+
+    kind: str  # a base kind (parse_kind), not downsample
+    classes: int = 0  # segmentation: the class count (the shard manifest's condition.classes)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("segmentation", "depth", "canny", "grayscale"):
+            raise ValueError(f"no condition VQGAN reads {self.kind!r} conditions")
+        if self.kind == "segmentation" and not 2 <= self.classes <= MAX_CLASSES:
+            raise ValueError(f"segmentation needs 2..{MAX_CLASSES} classes, got {self.classes}")
+
+    @property
+    def channels(self) -> int:
+        return self.classes if self.kind == "segmentation" else 1
+
+    def array(self, sample: dict[str, Any]) -> np.ndarray:
+        """A shard sample's condition as HWC (int64 ids ``[H, W, 1]`` or float32 ``[H, W, 1]``
+        in [0, 1]); KeyError naming the sample when it holds none."""
+        if COND not in sample:
+            raise KeyError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no "
+                           f"condition ({COND}); was it sharded with shard.condition?")
+        arr = condition_array(sample[COND], self.kind)
+        return arr[..., None] if arr.ndim == 2 else arr.transpose(1, 2, 0)
+
+    def tensor(self, hwc: np.ndarray) -> torch.Tensor:
+        """A (cropped, flipped) :meth:`array` → the model input, CHW float32."""
+        import torch
+
+        if self.kind == "segmentation":
+            ids = torch.from_numpy(np.ascontiguousarray(hwc[..., 0]))
+            if int(ids.max()) >= self.classes:
+                raise ValueError(f"label map holds class {int(ids.max())}, but the shard "
+                                 f"manifest says {self.classes} classes")
+            return torch.nn.functional.one_hot(ids, self.classes).permute(2, 0, 1).float()
+        x = torch.from_numpy(np.ascontiguousarray(hwc, dtype=np.float32))
+        return x.permute(2, 0, 1).mul(2.0).sub(1.0)
+
+    def preview(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs or outputs ``[B, C, H, W]`` as RGB ``[B, 3, H, W]`` in [-1, 1] to look at:
+        label maps (one-hot or logits) in :func:`palette` colours of their argmax, one-channel
+        maps as gray."""
+        if self.kind == "segmentation":
+            colours = palette(self.classes).to(x.device)
+            return colours[x.argmax(1)].permute(0, 3, 1, 2)
+        return x.float().clamp(-1.0, 1.0).expand(-1, 3, -1, -1)
+
+
+def palette(classes: int) -> torch.Tensor:
+    """``[classes, 3]`` RGB in [-1, 1]: well-separated hues (golden-ratio steps), the same for
+    every run, so a class has one colour in every grid and report."""
+    import colorsys
+
+    import torch
+
+    rgb = [colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65, 0.95) for i in range(classes)]
+    return torch.tensor(rgb, dtype=torch.float32) * 2.0 - 1.0
+
+
 __all__ = ["COND", "CONDITION_KIND_MISMATCH", "CONDITION_MISSING", "CONDITION_REASONS",
-           "CONDITION_SIZE_MISMATCH", "CONDITION_UNREADABLE", "ConditionRejected",
+           "CONDITION_SIZE_MISMATCH", "CONDITION_UNREADABLE", "ConditionInput", "ConditionRejected",
            "ConditionSpec", "condition_array", "condition_index", "condition_tensor",
-           "derived_condition", "given_condition", "pair_folder", "parse_kind", "sizes_match",
-           "split_unpaired"]
+           "derived_condition", "given_condition", "pair_folder", "palette", "parse_kind",
+           "sizes_match", "split_unpaired"]

@@ -247,27 +247,48 @@ def augment(img: np.ndarray, size: int, rng: np.random.Generator, flip: bool = T
     return img
 
 
+class ImageInput:
+    """What a VQGAN reads from a shard sample: its image (HWC uint8 → CHW in [-1, 1]). The
+    condition VQGAN reads :class:`pipeline.data.conditions.ConditionInput` instead."""
+
+    channels = 3
+
+    @staticmethod
+    def array(sample: dict[str, Any]) -> np.ndarray:
+        return decode_image(image_bytes(sample))
+
+    @staticmethod
+    def tensor(hwc: np.ndarray) -> torch.Tensor:
+        return to_tensor(hwc)
+
+
+IMAGES = ImageInput()
+
+
 def image_batches(storage: Storage, spec: StreamSpec, batch_size: int, size: int,
                   position: Position | None = None, random_flip: bool = True,
                   random_crop: bool = True,
                   transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                  reader: Any = IMAGES,
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Position]]:
     """Endless ``(images [B,3,size,size] in [-1,1], labels [B], position)`` batches:
     ``size``-px crops (random, else centered) of the shards' images, mirrored at random with
-    ``random_flip``.
+    ``random_flip``. ``reader`` (``array``: sample → HWC, ``tensor``: HWC → CHW) picks what is
+    read: the image, or the sample's condition map (then ``[B, reader.channels, size, size]``).
 
     Augmentation randomness is seeded by the sample's place in its partition, so a resumed
-    stream, at any worker count, yields the same crops and flips as an uninterrupted one.
+    stream, at any worker count, yields the same crops and flips as an uninterrupted one (and
+    a sample's condition gets its image's crop and flip).
     """
     images, labels = [], []
     samples = Stream(storage, spec, position)
     for sample, key in samples:
         rng = np.random.default_rng(derive(spec.seed, "augment", *key))
-        img = decode_image(image_bytes(sample))
+        img = reader.array(sample)
         img = augment(img, size, rng, flip=random_flip, random_crop=random_crop)
         if transform is not None:
             img = transform(img)
-        images.append(to_tensor(img))
+        images.append(reader.tensor(img))
         labels.append(label_of(sample))
         if len(images) == batch_size:
             yield torch.stack(images), torch.tensor(labels, dtype=torch.long), samples.position()
@@ -275,16 +296,18 @@ def image_batches(storage: Storage, spec: StreamSpec, batch_size: int, size: int
 
 
 def eval_batches(storage: Storage, shards: list[str], batch_size: int, size: int,
-                 limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One ordered pass (center crops, no flips) over ``shards``, at most ``limit`` images."""
+                 limit: int | None = None, reader: Any = IMAGES,
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One ordered pass (center crops, no flips) over ``shards``, at most ``limit`` images
+    (or what ``reader`` reads, as in :func:`image_batches`)."""
     images, labels, seen = [], [], 0
     for uri in shards:
         for sample in iter_samples(storage, uri):
             if limit is not None and seen >= limit:
                 break
-            img = augment(decode_image(image_bytes(sample)), size, np.random.default_rng(0),
+            img = augment(reader.array(sample), size, np.random.default_rng(0),
                           flip=False, random_crop=False)
-            images.append(to_tensor(img))
+            images.append(reader.tensor(img))
             labels.append(label_of(sample))
             seen += 1
             if len(images) == batch_size:

@@ -21,7 +21,7 @@ reconstruction (no second autoencoder or LPIPS forward); skipped entirely before
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -42,9 +42,20 @@ class VQGANLossConfig:
     disc_weight: float = 0.8  # discriminator_weight, multiplies λ
     disc_factor: float = 1.0
     disc_loss: str = "hinge"  # "hinge" | "vanilla"
+    # The reconstruction term: "l1" (|x - x̂|, images and one-channel maps) or "bce" (binary
+    # cross-entropy of x̂ as per-class logits against a one-hot x: the reference's segmentation
+    # VQGAN, BCELossWithQuant; no LPIPS, no GAN there).
+    # In stage fingerprints only when not l1 (pipeline.config.fingerprint_unless_default, spelt
+    # out here: the models import nothing of the pipeline), so existing runs keep theirs.
+    rec_loss: str = field(default="l1", metadata={"fingerprint": "unless_default"})
 
     def validate(self) -> None:
         d_loss_fn(self.disc_loss)
+        if self.rec_loss not in ("l1", "bce"):
+            raise ValueError(f"rec_loss: must be l1 or bce, got {self.rec_loss!r}")
+        if self.rec_loss == "bce" and self.perceptual_weight > 0:
+            raise ValueError("perceptual_weight: must be 0 with rec_loss bce (LPIPS compares "
+                             "RGB images, not class logits)")
         if self.disc_start < 0:
             raise ValueError(f"disc_start: must be >= 0, got {self.disc_start}")
         for name in ("codebook_weight", "perceptual_weight", "disc_weight", "disc_factor"):
@@ -58,13 +69,19 @@ def adopt_weight(weight: float, global_step: int, threshold: int = 0, value: flo
 
 
 def reconstruction_loss(
-    x: Tensor, recon: Tensor, lpips: LPIPS | None, perceptual_weight: float
+    x: Tensor, recon: Tensor, lpips: LPIPS | None, perceptual_weight: float,
+    kind: str = "l1",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(L_rec, mean L1, mean LPIPS): L_rec = mean|x - x̂| + perceptual_weight * mean LPIPS(x, x̂).
 
     Equal to the reference's ``mean(|x - x̂| + w * p)`` with p broadcast per image. The reference
-    has a ``pixelloss_weight`` that it never applies; so neither do we.
+    has a ``pixelloss_weight`` that it never applies; so neither do we. ``kind="bce"``: L_rec
+    is the mean binary cross-entropy of the logits x̂ against the one-hot x (in the L1 slot
+    too; no LPIPS).
     """
+    if kind == "bce":
+        bce = nn.functional.binary_cross_entropy_with_logits(recon, x.to(recon.dtype))
+        return bce, bce, bce.new_zeros(())
     l1 = (x - recon).abs().mean()
     if lpips is not None and perceptual_weight > 0:
         p = lpips(x, recon).mean()
@@ -167,7 +184,7 @@ class VQGANLoss(nn.Module):
         """
         cfg = self.config
         r = recon.detach().requires_grad_(True)
-        rec, l1, p = reconstruction_loss(x, r, self.lpips, cfg.perceptual_weight)
+        rec, l1, p = reconstruction_loss(x, r, self.lpips, cfg.perceptual_weight, cfg.rec_loss)
         (g_rec,) = torch.autograd.grad(rec, r)
         factor = self.disc_factor(global_step)
         zero = rec.new_zeros(())
@@ -209,7 +226,7 @@ class VQGANLoss(nn.Module):
         """(L_G, λ) computed the reference's way: a differentiable total for ``.backward()``.
         Slower (LPIPS and D backpropagated twice); kept for tests and as a fallback."""
         cfg = self.config
-        rec, _, _ = reconstruction_loss(x, recon, self.lpips, cfg.perceptual_weight)
+        rec, _, _ = reconstruction_loss(x, recon, self.lpips, cfg.perceptual_weight, cfg.rec_loss)
         factor = self.disc_factor(global_step)
         if factor > 0.0 and discriminator is not None:
             g_loss = generator_adversarial_loss(discriminator(recon))

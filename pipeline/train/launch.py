@@ -219,12 +219,13 @@ def fit_local(spec: LoopSpec) -> str | None:
     return result.checkpoint
 
 
-def launch(ctx: Any, task: type, args: dict[str, Any]) -> str | None:
+def launch(ctx: Any, task: type, args: dict[str, Any], cfg: Any = None) -> str | None:
     """Train a stage's ``task`` from its StageContext: on Ray Train, or in this process when the
-    pipeline runs without Ray (``ctx.local``). Returns the newest checkpoint's URI."""
+    pipeline runs without Ray (``ctx.local``). ``cfg``: the training config when the stage
+    resolved it from its section (default ``ctx.cfg``). Returns the newest checkpoint's URI."""
     from pipeline.faults import planned
 
-    spec = LoopSpec(task=task, cfg=ctx.cfg, storage=ctx.storage, uri=ctx.uri,
+    spec = LoopSpec(task=task, cfg=cfg or ctx.cfg, storage=ctx.storage, uri=ctx.uri,
                     seed=int(ctx.root_cfg.seed), args=args, tracker=ctx.tracker_spec,
                     stage=ctx.name, fault=planned(ctx.name))
     return fit_local(spec) if ctx.local else fit(spec)
