@@ -80,6 +80,7 @@ def test_segmentation_maps_of_a_sibling_folder(tmp_path):
              f"shard.condition.source={labels}", f"shard.condition.classes={CLASSES}"]
     out = _run(tmp_path / "runs", shard, "steps=150", "num_workers=1", local=True)
     res = out["train_cond_vqgan"]["outputs"]
+    assert TRAIN_COND_VQGAN.parse_outputs(out["train_cond_vqgan"]).to_dict() == res
     assert res["condition"] == {"kind": "segmentation", "classes": CLASSES, "channels": CLASSES}
     assert res["model"]["in_channels"] == res["model"]["out_ch"] == CLASSES
     ev, ev0 = res["eval"], res["eval_untrained"]
