@@ -459,7 +459,6 @@ def run_pretrained(ctx: StageContext, shards: list[str], reader: Any = None,
 
 
 def run(ctx: StageContext) -> VQGANOutputs:
-    from pipeline.train.launch import launch
 
     cfg: TrainVQGANConfig = ctx.cfg
     shard: ShardOutputs = ctx.input("shard")
@@ -474,14 +473,26 @@ def run(ctx: StageContext) -> VQGANOutputs:
                     "VGG; this is not the paper's LPIPS (offline demo/test setting)")
     if cfg.perceptual.backbone == "vgg16" and cfg.loss.perceptual_weight > 0:
         check_lpips(cfg.perceptual, ctx.storage)
+    return train_and_record(ctx, cfg, train, val, VQGANOutputs,
+                            perceptual_backbone=cfg.perceptual.backbone)
+
+
+def train_and_record(ctx: StageContext, cfg: TrainVQGANConfig, train: list[str], val: list[str],
+                     record: type, reader: Any = None, **extra: Any) -> Any:
+    """Train (or, with ``steps: 0``, export the ``init_from`` VQGAN as it is) on what ``reader``
+    reads, then the stage's outputs ``record`` from the folder's eval.json, images and history,
+    plus ``extra`` fields. Shared by train_vqgan and train_cond_vqgan."""
+    from pipeline.train.launch import launch
+
     if cfg.steps == 0:  # pretrained mode: init_from as it is (validated: set)
-        run_pretrained(ctx, val or train)
+        run_pretrained(ctx, val or train, reader, cfg)
         checkpoint = None
     else:
-        checkpoint = launch(ctx, VQGANTask, {"train": train, "val": val})
+        args = {"train": train, "val": val, **({"reader": reader} if reader else {})}
+        checkpoint = launch(ctx, VQGANTask, args, cfg)
     ev = ctx.storage.read_json(join(ctx.uri, "eval.json"))
     images = [u for u in ctx.storage.walk_files(join(ctx.uri, "images")) if u.endswith(".png")]
-    return VQGANOutputs(
+    return record(
         steps=ev["step"],
         samples_seen=ev["samples_seen"],
         export=Export(weights=join(ctx.uri, "export", WEIGHTS_NAME),
@@ -492,9 +503,9 @@ def run(ctx: StageContext) -> VQGANOutputs:
         eval_untrained=ev["untrained"],
         images=images,
         checkpoint=checkpoint,
-        perceptual_backbone=cfg.perceptual.backbone,
         train_codebook=last_window(read_history(ctx.storage, join(ctx.uri, "history.jsonl"))),
         rfid=ev.get("rfid", {}),
+        **extra,
     )
 
 
@@ -632,7 +643,6 @@ def resolve_cond(cfg: TrainCondVQGANConfig, reader: ConditionInput) -> TrainCond
 
 
 def run_cond(ctx: StageContext) -> CondVQGANOutputs:
-    from pipeline.train.launch import launch
 
     shard: ShardOutputs = ctx.input("shard")
     if shard.condition is None:  # skip_reason keeps such runs away; a stale manifest may not
@@ -650,29 +660,9 @@ def run_cond(ctx: StageContext) -> CondVQGANOutputs:
              reader.channels, "binary cross-entropy" if cfg.loss.rec_loss == "bce" else "L1",
              ", no GAN" if cfg.loss.disc_factor == 0 else
              f", GAN from step {cfg.loss.disc_start}")
-    if cfg.steps == 0:  # pretrained mode: init_from as it is (validated: set)
-        run_pretrained(ctx, val or train, reader, cfg)
-        checkpoint = None
-    else:
-        checkpoint = launch(ctx, VQGANTask, {"train": train, "val": val, "reader": reader}, cfg)
-    ev = ctx.storage.read_json(join(ctx.uri, "eval.json"))
-    images = [u for u in ctx.storage.walk_files(join(ctx.uri, "images")) if u.endswith(".png")]
-    return CondVQGANOutputs(
-        steps=ev["step"],
-        samples_seen=ev["samples_seen"],
-        export=Export(weights=join(ctx.uri, "export", WEIGHTS_NAME),
-                      config=join(ctx.uri, "export", CONFIG_NAME)),
-        model=cfg.model.to_dict(),
-        latent_size=cfg.model.latent_size(),
-        eval=ev["trained"],
-        eval_untrained=ev["untrained"],
-        images=images,
-        checkpoint=checkpoint,
-        perceptual_backbone="none",
-        train_codebook=last_window(read_history(ctx.storage, join(ctx.uri, "history.jsonl"))),
-        rfid=ev.get("rfid", {}),
-        condition={"kind": cond.kind, "classes": cond.classes, "channels": reader.channels},
-    )
+    return train_and_record(
+        ctx, cfg, train, val, CondVQGANOutputs, reader, perceptual_backbone="none",
+        condition={"kind": cond.kind, "classes": cond.classes, "channels": reader.channels})
 
 
 def report_cond(outputs: CondVQGANOutputs) -> dict[str, Any]:
