@@ -21,7 +21,7 @@ import re
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -66,6 +66,9 @@ class Stage:
     # (the condition VQGAN of a run without conditions). Such a stage is left out of the run: no
     # folder, no manifest, and no part of its downstream stages' fingerprints.
     skip_reason: Callable[[Any], str | None] | None = None
+    # Upstream stages it reads when the pipeline has them (tokenize: train_cond_vqgan); a
+    # pipeline built without one runs the stage as if the name were not in ``upstream``.
+    optional_upstream: tuple[str, ...] = ()
 
     def parse_outputs(self, manifest: dict[str, Any]) -> Any:
         """A finished manifest's outputs as this stage's record (ManifestError when a field is
@@ -195,6 +198,8 @@ class Pipeline:
         for s in stages:
             if s.name in self.stages:
                 raise ValueError(f"duplicate stage {s.name!r}")
+            s = replace(s, upstream=tuple(u for u in s.upstream if u in self.stages
+                                          or u not in s.optional_upstream))
             for up in s.upstream:
                 if up not in self.stages:
                     raise ValueError(f"stage {s.name!r}: upstream {up!r} must be listed before it")

@@ -235,10 +235,28 @@ class ExportRef(Record):
 
 
 @dataclass(frozen=True)
+class CondCodes(Record):
+    """tokenize, in runs with conditions: the condition maps' codes stored beside the image's
+    (``{key}.cond.npy``), their encoder (train_cond_vqgan's export), grid and usage."""
+
+    STAGE: ClassVar[str] = "tokenize"
+
+    kind: str  # the shard condition's base kind (segmentation, depth, canny, grayscale)
+    classes: int  # segmentation: label classes; 0 otherwise
+    vqgan: ExportRef  # train_vqgan_fingerprint: the train_cond_vqgan stage's
+    grid: tuple[int, int]
+    n_embed: int
+    dtype: str
+    histogram: dict[str, list[int]]  # split -> code counts
+    usage: dict[str, dict[str, Any]]  # split -> {tokens, used, fraction, perplexity}
+
+
+@dataclass(frozen=True)
 class TokenizeOutputs(Record):
     """tokenize: code shards per split, their grid / dtype / codebook, usage per split."""
 
     STAGE: ClassVar[str] = "tokenize"
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("condition",)
 
     vqgan: ExportRef
     resolution: int
@@ -260,6 +278,7 @@ class TokenizeOutputs(Record):
     device: str = "cpu"
     images_per_s: float | None = None
     seconds: float = 0.0
+    condition: CondCodes | None = None  # runs with conditions (issue #16)
 
     def uris(self, split: str) -> list[str]:
         """The split's code shards that hold samples, in manifest order."""
@@ -271,6 +290,7 @@ class GPTOutputs(Record):
     """train_transformer: the exported GPT, the VQGAN that decodes its codes, val loss."""
 
     STAGE: ClassVar[str] = "train_transformer"
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("condition",)
 
     steps: int
     samples_seen: int
@@ -286,6 +306,9 @@ class GPTOutputs(Record):
     # The VQGAN export whose codes the GPT models. None in manifests written before it was
     # recorded; readers then find it through the run's DAG (pipeline.generate.find_models).
     vqgan: Export | None = None
+    # Runs with conditions: the condition map the GPT reads before the image codes (kind,
+    # classes, n_embed, grid, length, vqgan {weights, config}); None for other models.
+    condition: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """Stage ``tokenize``: image shards → code shards with the trained VQGAN's encoder (Ray Data).
 
 Inputs (upstream manifests only): the shard stage's ``shards`` list and the train_vqgan stage's
-``export`` (``vqgan.pt`` + ``vqgan.json``). Layout of the stage folder::
+``export`` (``vqgan.pt`` + ``vqgan.json``); in runs with conditions (issue #16) also the
+train_cond_vqgan stage's export, which encodes each sample's condition map (``{key}.cond.png``,
+center-cropped like its image; with ``store_flipped`` its mirror too) into ``{key}.cond.npy``
+beside the image's codes. Layout of the stage folder::
 
     train/shard-000000.tar …   one code shard per image shard, same split and name
     val/shard-000000.tar …     (format: pipeline.data.codes)
@@ -59,6 +62,8 @@ from pipeline.data import codes, wds
 from pipeline.data.hashing import HashingReader, sha256_of
 from pipeline.faults import planned
 from pipeline.manifests import (
+    CondCodes,
+    CondVQGANOutputs,
     Export,
     ExportRef,
     ShardFile,
@@ -162,6 +167,29 @@ def load_encoder(storage: Storage, export: ExportInfo, device: str = "cpu") -> A
 
 
 @dataclass(frozen=True)
+class CondOptions:
+    """How the condition maps are encoded (runs with conditions): what the condition VQGAN
+    reads (``kind``, ``classes``: :class:`pipeline.data.conditions.ConditionInput`), its code
+    grid, codebook and weights."""
+
+    kind: str
+    classes: int
+    grid: tuple[int, int]
+    n_embed: int
+    dtype: str
+    vqgan_sha256: str
+
+    def reader(self) -> Any:
+        from pipeline.data.conditions import ConditionInput
+
+        return ConditionInput(self.kind, self.classes)
+
+    def view(self) -> dict[str, Any]:
+        return {"kind": self.kind, "classes": self.classes, "grid": list(self.grid),
+                "n_embed": self.n_embed, "dtype": self.dtype, "vqgan_sha256": self.vqgan_sha256}
+
+
+@dataclass(frozen=True)
 class Options:
     """What every shard is tokenized with (identical for all actors)."""
 
@@ -172,12 +200,17 @@ class Options:
     flip: bool
     batch_size: int
     vqgan_sha256: str
+    cond: CondOptions | None = None  # runs with conditions: encode the maps too
 
     def sidecar_view(self) -> dict[str, Any]:
-        """The options a reused code shard must have been made with."""
-        return {"format": FORMAT, "resolution": self.resolution, "grid": list(self.grid),
+        """The options a reused code shard must have been made with (``cond`` only in runs
+        with conditions: the sidecars of other runs are unchanged)."""
+        view = {"format": FORMAT, "resolution": self.resolution, "grid": list(self.grid),
                 "n_embed": self.n_embed, "dtype": self.dtype, "flip": self.flip,
                 "vqgan_sha256": self.vqgan_sha256}
+        if self.cond is not None:
+            view["cond"] = self.cond.view()
+        return view
 
 
 @dataclass
@@ -188,37 +221,49 @@ class SourceRead:
     sha256: str = ""
 
 
+Batch = tuple[list[str], list[bytes | None], Any, Any]
+
+
 def decoded_batches(storage: Storage, uri: str, resolution: int, batch_size: int,
-                    read: SourceRead | None = None
-                    ) -> Iterator[tuple[list[str], list[bytes | None], Any]]:
-    """``(keys, raw .cls bytes or None, images [B,3,r,r] in [-1,1])`` minibatches of an image
-    shard, in order; each image center-cropped exactly as ``loader.eval_batches`` does. At the
-    end, ``read`` holds the sample count and the sha256 of the shard's bytes."""
+                    read: SourceRead | None = None, cond_reader: Any = None,
+                    ) -> Iterator[Batch]:
+    """``(keys, raw .cls bytes or None, images [B,3,r,r] in [-1,1], conds)`` minibatches of an
+    image shard, in order; each image center-cropped exactly as ``loader.eval_batches`` does.
+    ``conds``: with a ``cond_reader`` (:class:`~pipeline.data.conditions.ConditionInput`), the
+    samples' condition maps as its model input [B,C,r,r], cropped like their images; else None.
+    At the end, ``read`` holds the sample count and the sha256 of the shard's bytes."""
     import torch
 
-    from pipeline.data.loader import augment, decode_image, image_bytes, to_tensor
+    from pipeline.data.loader import IMAGES, augment
 
-    rng = np.random.default_rng(0)  # unused by a center crop without flip
     read = read if read is not None else SourceRead()
+    readers = [IMAGES] + ([cond_reader] if cond_reader is not None else [])
     keys: list[str] = []
     labels: list[bytes | None] = []
-    images: list[Any] = []
+    tensors: list[list[Any]] = [[] for _ in readers]
+
+    def batch() -> Batch:
+        stacked = [torch.stack(t) for t in tensors]
+        return keys, labels, stacked[0], stacked[1] if cond_reader is not None else None
+
     with storage.open(uri, "rb") as fh:
         stream = HashingReader(fh)
         for key, group in wds.iter_tar_groups(stream, uri):
-            img = augment(decode_image(image_bytes(group)), resolution, rng, flip=False,
-                          random_crop=False)
+            group["__key__"], group["__url__"] = key, uri  # named in a reader's errors
+            for reader, out in zip(readers, tensors):
+                arr = augment(reader.array(group), resolution, np.random.default_rng(0),
+                              flip=False, random_crop=False)  # a center crop draws nothing
+                out.append(reader.tensor(arr))
             keys.append(key)
             labels.append(group.get(codes.LABEL))
-            images.append(to_tensor(img))
             read.samples += 1
-            if len(images) == batch_size:
-                yield keys, labels, torch.stack(images)
-                keys, labels, images = [], [], []
+            if len(keys) == batch_size:
+                yield batch()
+                keys, labels, tensors = [], [], [[] for _ in readers]
         stream.drain()
         read.sha256 = stream.sha256
-    if images:
-        yield keys, labels, torch.stack(images)
+    if keys:
+        yield batch()
 
 
 def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -276,29 +321,44 @@ def encode_indices(model: Any, x: Any, dtype: str) -> np.ndarray:
 
 
 def tokenize_shard(model: Any, task: dict[str, Any], storage: Storage,
-                   opts: Options) -> dict[str, Any]:
+                   opts: Options, cond_model: Any = None) -> dict[str, Any]:
     """Read one image shard, encode it, write its code shard and sidecar; returns the stats.
 
+    ``cond_model`` (runs with conditions, ``opts.cond`` set): the condition VQGAN, which
+    encodes each sample's map (and its mirror with ``opts.flip``) into ``{key}.cond.npy``.
     Checks the image shard against the shard stage's manifest (sample count, sha256) and raises
     when it differs: tokenizing something else than what the manifest lists would be silent
     corruption. Stats: the sidecar (see :meth:`Options.sidecar_view` + split, name, uri, source,
-    source_sha256, samples, bytes, sha256, histogram) plus ``seconds``.
+    source_sha256, samples, bytes, sha256, histogram, and cond_histogram with conditions) plus
+    ``seconds``.
     """
     t0 = time.perf_counter()
     hist = np.zeros(opts.n_embed, dtype=np.int64)
+    cond = opts.cond
+    if (cond is None) != (cond_model is None):
+        raise ValueError("tokenize_shard: give the condition VQGAN exactly when opts.cond is set")
+    cond_hist = np.zeros(cond.n_embed if cond else 0, dtype=np.int64)
     samples = 0
     read = SourceRead()
     batches = prefetch(decoded_batches(storage, task["source"], opts.resolution,
-                                       opts.batch_size, read))
+                                       opts.batch_size, read, cond.reader() if cond else None))
     with contextlib.closing(batches), storage.open_atomic(task["uri"]) as fh, \
             wds.shard_writer(fh) as (tar, sink):
-        for keys, labels, x in batches:
+        for keys, labels, x, c in batches:
             grids = encode_indices(model, x, opts.dtype)
             flips = encode_indices(model, x.flip(3), opts.dtype) if opts.flip else None
+            members: dict[str, np.ndarray] = {codes.CODES: grids}
+            if flips is not None:
+                members[codes.FLIP] = flips
+            if cond is not None:
+                members[codes.COND] = encode_indices(cond_model, c, cond.dtype)
+                if opts.flip:  # the mirrored image's map is the mirrored map
+                    members[codes.COND_FLIP] = encode_indices(cond_model, c.flip(3), cond.dtype)
+                cond_hist += np.bincount(members[codes.COND].reshape(-1),
+                                         minlength=cond.n_embed)
             for i, key in enumerate(keys):
-                sample = {"__key__": key, codes.CODES: codes.npy_bytes(grids[i])}
-                if flips is not None:
-                    sample[codes.FLIP] = codes.npy_bytes(flips[i])
+                sample = {"__key__": key,
+                          **{name: codes.npy_bytes(g[i]) for name, g in members.items()}}
                 if labels[i] is not None:
                     sample[codes.LABEL] = labels[i]
                 tar.write(sample)
@@ -314,7 +374,7 @@ def tokenize_shard(model: Any, task: dict[str, Any], storage: Storage,
     side = {**opts.sidecar_view(), "split": task["split"], "name": task["name"],
             "uri": task["uri"], "source": task["source"], "source_sha256": source_sha,
             "samples": samples, "bytes": sink.bytes, "sha256": sink.sha256,
-            "histogram": hist.tolist()}
+            "histogram": hist.tolist(), **({"cond_histogram": cond_hist.tolist()} if cond else {})}
     # The sidecar is written after the tar is final: a tar without one is redone on resume.
     storage.write_json(task["part_uri"], side)
     return {**side, "cached": False, "seconds": time.perf_counter() - t0}
@@ -325,7 +385,7 @@ class ShardTokenizer:
     task, the output row its stats (JSON text, which keeps Arrow out of the histogram)."""
 
     def __init__(self, storage: Storage, export: ExportInfo, opts: Options, use_gpu: bool,
-                 threads: int) -> None:
+                 threads: int, cond_export: ExportInfo | None = None) -> None:
         import torch
 
         if use_gpu:
@@ -335,7 +395,9 @@ class ShardTokenizer:
         else:
             torch.set_num_threads(threads)
         self.storage, self.opts = storage, opts
-        self.model = load_encoder(storage, export, "cuda" if use_gpu else "cpu")
+        device = "cuda" if use_gpu else "cpu"
+        self.model = load_encoder(storage, export, device)
+        self.cond_model = load_encoder(storage, cond_export, device) if cond_export else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         fields = ("index", "split", "name", "uri", "part_uri", "source", "source_samples",
@@ -343,7 +405,8 @@ class ShardTokenizer:
         out = []
         for j in range(len(batch["index"])):
             task = {k: _plain(batch[k][j]) for k in fields}
-            out.append(json.dumps(tokenize_shard(self.model, task, self.storage, self.opts)))
+            out.append(json.dumps(tokenize_shard(self.model, task, self.storage, self.opts,
+                                                 self.cond_model)))
         return {"index": batch["index"], "stats": np.array(out, dtype=object)}
 
 
@@ -377,11 +440,15 @@ def reusable(storage: Storage, task: dict[str, Any], opts: Options) -> dict[str,
         size = storage.size(task["uri"])
     except (FileNotFoundError, ValueError):
         return None
-    want = {**opts.sidecar_view(), "uri": task["uri"], "source": task["source"],
+    # "cond" explicitly: a shard with condition codes is not reused by a run without them.
+    want = {**opts.sidecar_view(), "cond": opts.cond.view() if opts.cond else None,
+            "uri": task["uri"], "source": task["source"],
             "source_sha256": task["source_sha256"], "samples": task["source_samples"]}
     if not isinstance(side, dict) or any(side.get(k) != v for k, v in want.items()):
         return None
     if side.get("bytes") != size or len(side.get("histogram", ())) != opts.n_embed:
+        return None
+    if opts.cond is not None and len(side.get("cond_histogram", ())) != opts.cond.n_embed:
         return None
     return {**side, "cached": True, "seconds": 0.0}
 
@@ -410,7 +477,8 @@ def plan_actors(cfg: TokenizeConfig, todo: int) -> tuple[int, bool]:
 
 
 def run_actors(ctx: StageContext, tasks: list[dict[str, Any]], export: ExportInfo,
-               opts: Options, actors: int, use_gpu: bool) -> list[dict[str, Any]]:
+               opts: Options, actors: int, use_gpu: bool,
+               cond_export: ExportInfo | None = None) -> list[dict[str, Any]]:
     """Tokenize ``tasks`` with the actor pool; stats in task order, with a progress bar."""
     import ray
 
@@ -433,7 +501,8 @@ def run_actors(ctx: StageContext, tasks: list[dict[str, Any]], export: ExportInf
         ShardTokenizer,
         fn_constructor_kwargs={"storage": ctx.storage, "export": export, "opts": opts,
                                "use_gpu": use_gpu,
-                               "threads": max(1, int(cfg.cpus_per_actor))},
+                               "threads": max(1, int(cfg.cpus_per_actor)),
+                               "cond_export": cond_export},
         batch_size=1,
         # One shard in flight per actor: a call lasts seconds to minutes and its input is a
         # few hundred bytes, so queueing would only pin shards to busy actors (no balancing).
@@ -460,17 +529,18 @@ def _cuda_available() -> bool:
 
 
 def run_local(ctx: StageContext, tasks: list[dict[str, Any]], export: ExportInfo,
-              opts: Options, use_gpu: bool) -> list[dict[str, Any]]:
+              opts: Options, use_gpu: bool,
+              cond_export: ExportInfo | None = None) -> list[dict[str, Any]]:
     """Tokenize ``tasks`` one after another in this process (a run without Ray): the same
     encoder set-up and per-shard function as the actors."""
     cfg: TokenizeConfig = ctx.cfg
     require_one_process("tokenize", "python -m pipeline run CONFIG --no-ray --only tokenize")
     encoder = ShardTokenizer(ctx.storage, export, opts, use_gpu,
-                             threads=max(1, int(cfg.cpus_per_actor)))
+                             threads=max(1, int(cfg.cpus_per_actor)), cond_export=cond_export)
     out = []
     with _progress(ctx, len(tasks)) as progress:
         for task in tasks:
-            out.append(tokenize_shard(encoder.model, task, ctx.storage, opts))
+            out.append(tokenize_shard(encoder.model, task, ctx.storage, opts, encoder.cond_model))
             progress.done(out[-1]["samples"])
     return out
 
@@ -506,11 +576,16 @@ def code_usage(hist: np.ndarray) -> dict[str, Any]:
             "perplexity": float(math.exp(-(p * np.log(p)).sum())) if total else 0.0}
 
 
+def downsampling(model: dict[str, Any]) -> int:
+    """A VQGAN config's downsampling factor (image side / code grid side)."""
+    return 2 ** (len(model["ch_mult"]) - 1)
+
+
 def check_inputs(cfg: TokenizeConfig, shard_resolution: int, model: dict[str, Any]
                  ) -> tuple[int, tuple[int, int]]:
     """(crop resolution, code grid) for shards of ``shard_resolution`` px encoded by a VQGAN of
     config ``model``; ValueError naming the key when they do not fit together."""
-    factor = 2 ** (len(model["ch_mult"]) - 1)
+    factor = downsampling(model)
     resolution = cfg.resolution or int(model["resolution"])
     if resolution % factor:
         raise ConfigError("tokenize.resolution", f"must be a multiple of the VQGAN's "
@@ -531,63 +606,109 @@ def run(ctx: StageContext) -> TokenizeOutputs:
     export = read_export(storage, vqgan.export, ctx.inputs["train_vqgan"]["fingerprint"])
     resolution, grid = check_inputs(cfg, shard.resolution, export.model)
     n_embed = int(export.model["n_embed"])
+    cond_export = cond_options = None
+    if ctx.has_input("train_cond_vqgan"):
+        cond_export, cond_options = condition_encoder(ctx, resolution)
     opts = Options(resolution=resolution, grid=grid, n_embed=n_embed,
                    dtype=codes.code_dtype(n_embed).name, flip=cfg.store_flipped,
-                   batch_size=cfg.batch_size, vqgan_sha256=export.weights_sha256)
+                   batch_size=cfg.batch_size, vqgan_sha256=export.weights_sha256,
+                   cond=cond_options)
 
     tasks = plan_tasks(ctx.uri, shard.shards)
     with ThreadPoolExecutor(16) as pool:  # sidecar checks are small I/O-bound reads
         cached = list(pool.map(lambda t: reusable(storage, t, opts), tasks))
     todo = [t for t, c in zip(tasks, cached) if c is None]
-    log.info("[tokenize] %d shards (%d already finalized), grid %s, n_embed %d, flip %s",
-             len(tasks), len(tasks) - len(todo), list(grid), n_embed, cfg.store_flipped)
+    log.info("[tokenize] %d shards (%d already finalized), grid %s, n_embed %d, flip %s%s",
+             len(tasks), len(tasks) - len(todo), list(grid), n_embed, cfg.store_flipped,
+             f"; {cond_options.kind} maps: grid {list(cond_options.grid)}, n_embed "
+             f"{cond_options.n_embed}" if cond_options else "")
 
     t0 = time.perf_counter()
     fresh: list[dict[str, Any]] = []
     actors, use_gpu = 0, False
     if todo and ctx.local:
         actors, use_gpu = 1, cfg.use_gpu is not False and _cuda_available()
-        fresh = run_local(ctx, todo, export, opts, use_gpu)
+        fresh = run_local(ctx, todo, export, opts, use_gpu, cond_export)
     elif todo:
         actors, use_gpu = plan_actors(cfg, len(todo))
         log.info("[tokenize] %d shards to encode with %d actors (%g CPUs%s each)", len(todo),
                  actors, cfg.cpus_per_actor, ", 1 GPU" if use_gpu else "")
-        fresh = run_actors(ctx, todo, export, opts, actors, use_gpu)
+        fresh = run_actors(ctx, todo, export, opts, actors, use_gpu, cond_export)
     seconds = time.perf_counter() - t0
     by_index = {t["index"]: s for t, s in zip(todo, fresh)}
     results = [c if c is not None else by_index[t["index"]] for t, c in zip(tasks, cached)]
     keep = {r["uri"] for r in results} | {t["part_uri"] for t in tasks}
     subs = {u[len(ctx.uri) + 1:].split("/")[0] for u in keep} | {PARTS}
     remove_strays(storage, ctx.uri, sorted(subs), keep)
-    return outputs_of(ctx, shard, export, opts, results, fresh, seconds, actors, use_gpu)
+    return outputs_of(ctx, shard, export, opts, results, fresh, seconds, actors, use_gpu,
+                      cond_export)
+
+
+def condition_encoder(ctx: StageContext, resolution: int) -> tuple[ExportInfo, CondOptions]:
+    """The train_cond_vqgan export that encodes the condition maps, and how it encodes
+    ``resolution``-px crops of them; ConfigError when its downsampling does not divide them."""
+    cond: CondVQGANOutputs = ctx.input("train_cond_vqgan")
+    export = read_export(ctx.storage, cond.export, ctx.inputs["train_cond_vqgan"]["fingerprint"])
+    factor = downsampling(export.model)
+    if resolution % factor:
+        raise ConfigError("tokenize.resolution", f"{resolution} must be a multiple of the "
+                                                 f"condition VQGAN's downsampling factor {factor}")
+    n_embed = int(export.model["n_embed"])
+    side = resolution // factor
+    return export, CondOptions(kind=cond.condition["kind"],
+                               classes=int(cond.condition.get("classes") or 0),
+                               grid=(side, side), n_embed=n_embed,
+                               dtype=codes.code_dtype(n_embed).name,
+                               vqgan_sha256=export.weights_sha256)
+
+
+def export_ref(export: ExportInfo) -> ExportRef:
+    return ExportRef(train_vqgan_fingerprint=export.train_vqgan_fingerprint,
+                     weights=export.weights, weights_sha256=export.weights_sha256,
+                     config=export.config, config_sha256=export.config_sha256)
+
+
+def split_usage(results: list[dict[str, Any]], splits: Any, field: str
+                ) -> tuple[dict[str, list[int]], dict[str, Any]]:
+    """(histogram, usage) per split of the code counts ``field`` of the shards' stats."""
+    histogram: dict[str, list[int]] = {}
+    usage: dict[str, Any] = {}
+    for split in splits:
+        hist = np.sum([np.asarray(r[field], dtype=np.int64) for r in results
+                       if r["split"] == split], axis=0)
+        histogram[split] = hist.tolist()
+        usage[split] = code_usage(hist)
+    return histogram, usage
 
 
 def outputs_of(ctx: StageContext, shard: ShardOutputs, export: ExportInfo, opts: Options,
                results: list[dict[str, Any]], fresh: list[dict[str, Any]], seconds: float,
-               actors: int, use_gpu: bool) -> TokenizeOutputs:
+               actors: int, use_gpu: bool, cond_export: ExportInfo | None = None
+               ) -> TokenizeOutputs:
     """The manifest's outputs."""
     tokens_per_image = opts.grid[0] * opts.grid[1]
     splits = split_counts(results, sorted({r["split"] for r in results}), tokens_per_image)
-    histogram: dict[str, list[int]] = {}
-    usage: dict[str, Any] = {}
-    for split in splits:
-        hist = np.sum([np.asarray(r["histogram"], dtype=np.int64) for r in results
-                       if r["split"] == split], axis=0)
-        histogram[split] = hist.tolist()
-        usage[split] = code_usage(hist)
+    histogram, usage = split_usage(results, splits, "histogram")
+    condition = None
+    if opts.cond is not None and cond_export is not None:
+        c = opts.cond
+        cond_hist, cond_usage = split_usage(results, splits, "cond_histogram")
+        condition = CondCodes(kind=c.kind, classes=c.classes, vqgan=export_ref(cond_export),
+                              grid=c.grid, n_embed=c.n_embed, dtype=c.dtype,
+                              histogram=cond_hist, usage=cond_usage)
     speed = images_per_s(fresh, seconds)
     samples = sum(s.samples for s in splits.values())
     out = TokenizeOutputs(
-        vqgan=ExportRef(train_vqgan_fingerprint=export.train_vqgan_fingerprint,
-                        weights=export.weights, weights_sha256=export.weights_sha256,
-                        config=export.config, config_sha256=export.config_sha256),
+        vqgan=export_ref(export),
         resolution=opts.resolution,
         grid=opts.grid,
         n_embed=opts.n_embed,
         dtype=opts.dtype,
         flip=opts.flip,
         format={"codes": codes.CODES, "flip": codes.FLIP if opts.flip else None,
-                "label": codes.LABEL},
+                "label": codes.LABEL,
+                **({"cond": codes.COND, "cond_flip": codes.COND_FLIP if opts.flip else None}
+                   if condition else {})},
         classes=shard.classes,
         num_classes=shard.num_classes,
         shards=[ShardFile(**{k: r[k] for k in ("split", "name", "uri", "source", "samples",
@@ -602,12 +723,15 @@ def outputs_of(ctx: StageContext, shard: ShardOutputs, export: ExportInfo, opts:
         device="cuda" if use_gpu else "cpu",
         images_per_s=speed,
         seconds=round(seconds, 3),
+        condition=condition,
     )
     ctx.tracker.summary({"tokenize/samples": samples, "tokenize/tokens": out.tokens,
                          "tokenize/images_per_s": speed,
                          **{f"tokenize/{s}_usage": u["fraction"] for s, u in usage.items()},
                          **{f"tokenize/{s}_perplexity": u["perplexity"]
-                            for s, u in usage.items()}})
+                            for s, u in usage.items()},
+                         **{f"tokenize/cond_{s}_usage": u["fraction"]
+                            for s, u in (condition.usage if condition else {}).items()}})
     log.info("[tokenize] %d samples → %d tokens (grid %s), usage %s, %s images/s", samples,
              out.tokens, list(opts.grid),
              {s: round(u["fraction"], 3) for s, u in usage.items()}, speed)
@@ -623,7 +747,18 @@ def report(outputs: TokenizeOutputs) -> dict[str, Any]:
         "codebook size": outputs.n_embed,
         "codes used (train)": f"{usage.get('used', 0)} ({usage.get('fraction', 0.0):.1%})",
         "code perplexity (train)": usage.get("perplexity", 0.0),
-        "images/s": outputs.images_per_s or "-"}, "images": []}
+        "images/s": outputs.images_per_s or "-", **_cond_metrics(outputs.condition)},
+        "images": []}
+
+
+def _cond_metrics(cond: CondCodes | None) -> dict[str, Any]:
+    if cond is None:
+        return {}
+    usage = cond.usage.get("train", {})
+    h, w = cond.grid
+    return {"condition": f"{cond.kind} maps, {h}x{w} codes of {cond.n_embed}",
+            "condition codes used (train)": f"{usage.get('used', 0)} "
+                                            f"({usage.get('fraction', 0.0):.1%})"}
 
 
 STAGE = Stage(
@@ -632,7 +767,8 @@ STAGE = Stage(
     run=run,
     report=report,
     outputs=TokenizeOutputs,
-    upstream=("shard", "train_vqgan"),
+    upstream=("shard", "train_vqgan", "train_cond_vqgan"),
+    optional_upstream=("train_cond_vqgan",),
     version=FORMAT,
     help="image shards → code shards with the VQGAN encoder (Ray Data actor pool)",
 )

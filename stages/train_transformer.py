@@ -7,6 +7,10 @@ Train checkpoints (``train/checkpoint-*``), a consolidated ``export/gpt.pt`` + `
 
 The vocabulary's image part comes from the VQGAN (``n_embed``), the sequence length from the
 code grid (``h·w``), the classes from the shard stage: the config only holds the architecture.
+In runs with conditions (issue #16) the code shards also hold each sample's condition-map codes:
+the GPT then reads them before the image codes (the reference's Net2NetTransformer: [class or
+start token ; condition codes ; image codes], loss on the image codes only), the sample grids
+show condition | sample | truth rows, and eval is over the val samples with their maps.
 Checkpoint, resume, failure recovery and "raise steps to continue" are the shared
 ``pipeline.train`` machinery that train_vqgan uses too.
 """
@@ -46,6 +50,9 @@ class TrainTransformerConfig(TrainConfig):
     bias: bool = True
     pkeep: float = 1.0  # input code corruption (the reference's pkeep)
     conditional: bool = True  # class-conditional when the shards have labels
+    # Read the condition maps' codes before the image's, when tokenize stored them (runs with
+    # shard.condition); false: the transformer ignores them (an unconditional baseline).
+    use_condition: bool = True
     cond_drop: float = 0.1  # class dropout: enables classifier-free guidance at sampling
     activation_checkpointing: bool = False
     RENAMED: ClassVar[dict[str, str]] = {"flip": "use_flipped"}
@@ -85,8 +92,12 @@ def gpt_config(cfg: TrainTransformerConfig, data: dict[str, Any]) -> Any:
     """The model config: architecture from the stage config, vocabulary and length from data."""
     from pipeline.models.gpt import GPTConfig
 
+    cond = data.get("cond")
+    cond_length = cond["length"] if cond else 0
     return GPTConfig(
-        vocab_size=data["n_embed"], n_classes=data["n_classes"], block_size=data["length"],
+        vocab_size=data["n_embed"], n_classes=data["n_classes"],
+        block_size=cond_length + data["length"],
+        cond_vocab_size=cond["n_embed"] if cond else 0, cond_length=cond_length,
         n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, embd_pdrop=cfg.dropout,
         resid_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, bias=cfg.bias, pkeep=cfg.pkeep,
         cond_drop=cfg.cond_drop if data["n_classes"] else 0.0)
@@ -119,18 +130,20 @@ def evaluate(model: Any, storage: Storage, shards: list[str], length: int,
 
     model.eval()
     device = next(model.parameters()).device
+    with_map = model.config.cond_length > 0
     total = torch.zeros((), dtype=torch.float64, device=device)
     tokens, n = 0, 0
-    codes, labels = [], []
+    codes, labels, conds = [], [], []
 
     def flush() -> None:
-        nonlocal total, tokens, codes, labels
+        nonlocal total, tokens, codes, labels, conds
         c = torch.stack(codes).to(device)
         lab = torch.tensor(labels, device=device) if model.config.n_classes else None
+        maps = torch.stack(conds).to(device) if with_map else None
         with torch.no_grad():
-            total += model.loss(c, lab).double() * c.numel()
+            total += model.loss(c, lab, cond_codes=maps).double() * c.numel()
         tokens += c.numel()
-        codes, labels = [], []
+        codes, labels, conds = [], [], []
 
     for uri in shards:
         for s in iter_code_samples(storage, uri):
@@ -138,6 +151,10 @@ def evaluate(model: Any, storage: Storage, shards: list[str], length: int,
                 break
             codes.append(torch.from_numpy(s.codes.astype("int64").reshape(-1)))
             labels.append(s.label)
+            if with_map:
+                if s.cond is None:
+                    raise ValueError(f"sample {s.key!r} of {uri} has no condition codes")
+                conds.append(torch.from_numpy(s.cond.astype("int64").reshape(-1)))
             n += 1
             if len(codes) == batch:
                 flush()
@@ -150,9 +167,11 @@ def evaluate(model: Any, storage: Storage, shards: list[str], length: int,
 
 
 def sample_grid(model: Any, vqgan: Any, data: dict[str, Any], cfg: TrainTransformerConfig,
-                step: int, seed: int) -> Any:
+                step: int, seed: int, cond_vqgan: Any = None) -> Any:
     """Codes sampled per class (or unconditionally) on the model's device, decoded with
-    ``vqgan`` (same device) to one uint8 grid image."""
+    ``vqgan`` (same device) to one uint8 grid image. A model with a condition map samples for
+    the maps of ``data["cond"]["examples"]`` instead: one row per example, condition (decoded by
+    ``cond_vqgan``) | sample | truth."""
     import torch
 
     from pipeline.kernels import decode as native_decode
@@ -162,18 +181,47 @@ def sample_grid(model: Any, vqgan: Any, data: dict[str, Any], cfg: TrainTransfor
     native_decode.install()  # the C one-token kernels as the samplers' "native" set, where built
     device = next(model.parameters()).device
     n_classes, per = data["n_classes"], cfg.samples_per_class
-    cond = torch.arange(n_classes, device=device).repeat_interleave(per) if n_classes else None
-    n = n_classes * per if n_classes else 4 * per
+    cond_codes = examples = None
+    if data.get("cond"):
+        examples = data["cond"]["examples"]
+        n = len(examples["codes"])
+        cond_codes = torch.tensor(examples["cond"], device=device)
+        cond = torch.tensor(examples["labels"], device=device) if n_classes else None
+    else:
+        cond = torch.arange(n_classes, device=device).repeat_interleave(per) if n_classes else None
+        n = n_classes * per if n_classes else 4 * per
     was_training = model.training
     model.eval()
     codes = sample(model, n, cond, data["length"], temperature=cfg.temperature,
-                   top_k=cfg.top_k or None, seed=derive(seed, "preview-samples", step))
+                   top_k=cfg.top_k or None, seed=derive(seed, "preview-samples", step),
+                   cond_codes=cond_codes)
     model.train(was_training)
     h, w = data["grid"]
     with torch.no_grad():
         images = vqgan.decode_indices(codes.view(n, h, w).long().to(device)).float().cpu()
+        if examples is not None:
+            truth = torch.tensor(examples["codes"], device=device).view(n, h, w)
+            maps = condition_preview(cond_vqgan, data["cond"], cond_codes, images.shape[-2:])
+            images = torch.stack([maps, images, vqgan.decode_indices(truth).float().cpu()], 1)
+            images, per = images.flatten(0, 1), 3
     image = grid(to_uint8(images), cols=per)
     return upscale(image, max(1, 64 // images.shape[-1]))  # cells of >= 64 px to look at
+
+
+def condition_preview(cond_vqgan: Any, cond: dict[str, Any], codes: Any, size: Any) -> Any:
+    """Condition codes [n, hc*wc] decoded by the condition VQGAN and drawn as RGB [n, 3, H, W]
+    in [-1, 1] (label maps in their palette colours), at the images' ``size``."""
+    import torch
+
+    from pipeline.data.conditions import ConditionInput
+
+    hc, wc = cond["grid"]
+    with torch.no_grad():
+        maps = cond_vqgan.decode_indices(codes.view(-1, hc, wc).long()).float()
+    rgb = ConditionInput(cond["kind"], cond["classes"]).preview(maps).cpu()
+    if tuple(rgb.shape[-2:]) != tuple(size):
+        rgb = torch.nn.functional.interpolate(rgb, size=tuple(size), mode="nearest")
+    return rgb
 
 
 class GPTTask:
@@ -187,7 +235,6 @@ class GPTTask:
         import torch
 
         from pipeline.models.gpt import GPT
-        from pipeline.models.vqgan import VQGAN
         from pipeline.train.engine import make_engine
 
         cfg: TrainTransformerConfig = spec.cfg
@@ -201,11 +248,11 @@ class GPTTask:
         groups = model.configure_optimizer_groups(cfg.weight_decay)
         self.engine = make_engine(model, cfg, ctx.world, params=groups)
         self.engines = {"GPT": self.engine}
-        self.vqgan = None
+        self.vqgan = self.cond_vqgan = None
         if ctx.is_main:
-            self.vqgan = VQGAN.from_bytes(spec.storage.read_text(data["vqgan"]["config"]),
-                                          spec.storage.read_bytes(data["vqgan"]["weights"]))
-            self.vqgan.to(ctx.device).eval()
+            self.vqgan = load_vqgan(spec.storage, data["vqgan"], ctx.device)
+            if data.get("cond"):
+                self.cond_vqgan = load_vqgan(spec.storage, data["cond"]["vqgan"], ctx.device)
         self.gen = torch.Generator(device=ctx.device)
         self.draws: Any = None  # this step's corruption noise (step)
 
@@ -215,10 +262,11 @@ class GPTTask:
         cfg, spec, data = self.cfg, self.spec, self.data
         stream = stream_spec(data["train"], self.ctx.rank, self.ctx.world, spec.seed,
                              cfg.shuffle_buffer, cfg.data_streams, position)
-        for codes, labels, pos in code_batches(spec.storage, stream, cfg.micro_batch,
-                                               data["length"], position=position,
-                                               flip=cfg.use_flipped):
-            yield (codes, labels), pos
+        with_map = bool(data.get("cond"))
+        for codes, labels, cond, pos in code_batches(spec.storage, stream, cfg.micro_batch,
+                                                     data["length"], position=position,
+                                                     flip=cfg.use_flipped):
+            yield (codes, labels, cond if with_map else None), pos
 
     def step(self, batch: Any, step: int, micro: int) -> dict[str, Any]:
         import torch
@@ -231,11 +279,11 @@ class GPTTask:
             self.gen.manual_seed(derive(self.spec.seed, "code-corruption", step))
             self.draws = self.engine.module.corruption_draws(cfg.global_batch,
                                                              self.data["length"], self.gen)
-        codes, labels = batch
+        codes, labels, cond = batch
         # The stream gives rank r the global samples r, r+W, r+2W, ... (pipeline.data.loader).
         slots = (micro * cfg.micro_batch + torch.arange(len(codes))) * ctx.world + ctx.rank
         loss = _loss(self.engine, codes, labels, self.data["n_classes"],
-                     self.draws.rows(slots.to(self.gen.device)))
+                     self.draws.rows(slots.to(self.gen.device)), cond)
         self.engine.backward(loss)
         self.engine.step()
         return {"loss/train": loss.detach()}
@@ -245,7 +293,8 @@ class GPTTask:
 
         plain = consolidated(self.engine, self.cfg, self.ctx)  # collective under ZeRO-3
         if plain is not None:
-            image = sample_grid(plain, self.vqgan, self.data, self.cfg, step, self.spec.seed)
+            image = sample_grid(plain, self.vqgan, self.data, self.cfg, step, self.spec.seed,
+                                self.cond_vqgan)
             self.spec.storage.write_bytes(join(self.spec.uri, "images",
                                                f"samples-{step:08d}.png"), png_bytes(image))
             tracker.log_images({"samples": image}, step=step)
@@ -257,11 +306,22 @@ class GPTTask:
             export(plain, spec.storage, spec.uri, self.data, self.cfg, state, tracker)
 
 
-def _loss(engine: Any, codes: Any, labels: Any, n_classes: int, draws: Any) -> Any:
+def load_vqgan(storage: Storage, export: dict[str, Any], device: Any) -> Any:
+    """A VQGAN export (``{weights, config}`` URIs) in eval mode on ``device``."""
+    from pipeline.models.vqgan import VQGAN
+
+    model = VQGAN.from_bytes(storage.read_text(export["config"]),
+                             storage.read_bytes(export["weights"]))
+    return model.to(device).eval()
+
+
+def _loss(engine: Any, codes: Any, labels: Any, n_classes: int, draws: Any,
+          cond: Any = None) -> Any:
     """Next-code cross-entropy through the engine (so ZeRO-3 gathers the weights it needs);
-    ``draws``: the batch's corruption noise (GPT.corruption_draws)."""
+    ``draws``: the batch's corruption noise (GPT.corruption_draws); ``cond``: the condition
+    maps' codes [B, P] (models with a condition map)."""
     idx, targets = engine.module.prepare_batch(codes, labels if n_classes else None,
-                                               draws=draws)
+                                               draws=draws, cond_codes=cond)
     _, loss = engine(idx, targets)
     return loss
 
@@ -322,12 +382,42 @@ def data_spec(ctx: StageContext) -> dict[str, Any]:
         for _ in iter_code_samples(ctx.storage, spec):
             pass
     h, w = tok.grid
-    return {
+    n_classes = shard.num_classes if ctx.cfg.conditional else 0
+    data = {
         "train": tok.uris("train"), "val": tok.uris("val"),
         "n_embed": tok.n_embed, "grid": [h, w], "length": h * w,
-        "n_classes": shard.num_classes if ctx.cfg.conditional else 0, "classes": shard.classes,
+        "n_classes": n_classes, "classes": shard.classes,
         "vqgan": vq.export.to_dict(), "unigram_entropy": unigram_entropy(tok.histogram["train"]),
+        "cond": None,
     }
+    c = tok.condition
+    if c is not None and ctx.cfg.use_condition:
+        hc, wc = c.grid
+        data["cond"] = {
+            "kind": c.kind, "classes": c.classes, "n_embed": c.n_embed, "grid": [hc, wc],
+            "length": hc * wc, "vqgan": {"weights": c.vqgan.weights, "config": c.vqgan.config},
+            "examples": preview_examples(ctx.storage, tok, ctx.cfg.samples_per_class * 2,
+                                         n_classes)}
+    return data
+
+
+def preview_examples(storage: Storage, tok: TokenizeOutputs, n: int, n_classes: int
+                     ) -> dict[str, list[Any]]:
+    """The first ``n`` val samples (train without val) with their condition codes: the maps the
+    sample grids are drawn for, beside their truth (``codes``, ``cond`` flat lists, ``labels``:
+    the class, or 0 for a model without classes)."""
+    from pipeline.data.codes import iter_code_samples, shard_specs
+
+    out: dict[str, list[Any]] = {"codes": [], "cond": [], "labels": []}
+    split = "val" if tok.uris("val") else "train"
+    for spec in shard_specs(tok, split):
+        for s in iter_code_samples(storage, spec):
+            if len(out["codes"]) == n:
+                return out
+            out["codes"].append(s.codes.astype(int).reshape(-1).tolist())
+            out["cond"].append(s.cond.astype(int).reshape(-1).tolist())
+            out["labels"].append(max(s.label, 0) if n_classes else 0)
+    return out
 
 
 def run(ctx: StageContext) -> GPTOutputs:
@@ -351,13 +441,24 @@ def run(ctx: StageContext) -> GPTOutputs:
         images=images,
         checkpoint=checkpoint,
         vqgan=Export.from_dict(data["vqgan"]),
+        condition=cond_record(data["cond"]),
     )
+
+
+def cond_record(cond: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the manifest records of the condition map the GPT reads (None: it reads none)."""
+    if cond is None:
+        return None
+    return {k: cond[k] for k in ("kind", "classes", "n_embed", "grid", "length", "vqgan")}
 
 
 def report(outputs: GPTOutputs) -> dict[str, Any]:
     """The report's section: val loss against the context-free baseline, the last samples."""
     images = sorted(outputs.images)
+    cond = outputs.condition
     return {"metrics": {
+        **({"condition": f"{cond['kind']} maps, {cond['length']} codes before the image's"}
+           if cond else {}),
         "steps": outputs.steps, "val loss (nats/code)": outputs.val_loss,
         "bits per code": outputs.bits_per_token,
         "unigram entropy of the codes (nats)": outputs.unigram_entropy},

@@ -9,7 +9,10 @@ shard's order:
 - ``{key}.flip.npy``: the grid of the horizontally flipped image (only when the stage ran with
   ``flip: true``), same shape and dtype;
 - ``{key}.cls``: the class id as decimal text, copied from the image shard (absent when
-  unlabelled).
+  unlabelled);
+- ``{key}.cond.npy`` / ``{key}.cond.flip.npy``: the code grids of the sample's condition map
+  (and of its mirror), encoded by the condition VQGAN (only for runs with conditions, issue
+  #16: their grid, dtype and codebook may differ from the image's).
 
 Writers use :func:`pipeline.data.wds.shard_writer` (fixed tar headers, so the same codes give
 the same bytes). Readers go through :func:`iter_code_samples` / :func:`load_code_shard`, which
@@ -38,6 +41,8 @@ from pipeline.storage import Storage
 CODES = "codes.npy"
 FLIP = "flip.npy"
 LABEL = "cls"
+COND = "cond.npy"
+COND_FLIP = "cond.flip.npy"
 
 
 def code_dtype(n_embed: int) -> np.dtype:
@@ -64,8 +69,9 @@ class CodeShardSpec:
     """What a code shard must hold. ``None`` fields are not checked.
 
     ``grid`` is ``(h, w)``, ``dtype`` a numpy dtype name, ``flip`` whether every sample carries a
-    flipped grid, ``n_embed`` the codebook size. The tokenize manifest gives all of them
-    (:func:`shard_specs`).
+    flipped grid, ``n_embed`` the codebook size; ``cond`` whether every sample carries condition
+    codes, of ``cond_grid`` / ``cond_dtype`` / ``cond_n_embed``. The tokenize manifest gives all
+    of them (:func:`shard_specs`).
     """
 
     uri: str
@@ -75,6 +81,15 @@ class CodeShardSpec:
     dtype: str | None = None
     flip: bool | None = None
     n_embed: int | None = None  # every code must be below it
+    cond: bool | None = None
+    cond_grid: tuple[int, int] | None = None
+    cond_dtype: str | None = None
+    cond_n_embed: int | None = None
+
+    def cond_view(self) -> CodeShardSpec:
+        """The spec the condition grids are checked against (their grid, dtype, codebook)."""
+        return CodeShardSpec(self.uri, grid=self.cond_grid, dtype=self.cond_dtype,
+                             n_embed=self.cond_n_embed)
 
 
 def shard_specs(outputs: TokenizeOutputs | dict[str, Any],
@@ -84,8 +99,11 @@ def shard_specs(outputs: TokenizeOutputs | dict[str, Any],
     should make."""
     if isinstance(outputs, dict):
         outputs = TokenizeOutputs.from_dict(outputs)
+    c = outputs.condition
     return [CodeShardSpec(uri=s.uri, samples=s.samples, sha256=s.sha256, grid=outputs.grid,
-                          dtype=outputs.dtype, flip=outputs.flip, n_embed=outputs.n_embed)
+                          dtype=outputs.dtype, flip=outputs.flip, n_embed=outputs.n_embed,
+                          cond=c is not None, cond_grid=c.grid if c else None,
+                          cond_dtype=c.dtype if c else None, cond_n_embed=c.n_embed if c else None)
             for s in outputs.shards if split is None or s.split == split]
 
 
@@ -97,6 +115,8 @@ class CodeSample:
     codes: np.ndarray  # [h, w]
     label: int
     flip: np.ndarray | None = None  # [h, w], codes of the horizontally flipped image
+    cond: np.ndarray | None = None  # [hc, wc], codes of the condition map (runs with conditions)
+    cond_flip: np.ndarray | None = None  # [hc, wc], of the mirrored map (with flip)
 
 
 def _grid(uri: str, key: str, suffix: str, data: bytes | None,
@@ -138,11 +158,29 @@ def _layout(layout: tuple[tuple[int, ...], np.dtype, bool]) -> str:
     return f"{dtype} {list(shape)} grid{', with flip' if flip else ''}"
 
 
+def _cond_grids(uri: str, key: str, group: dict[str, bytes], spec: CodeShardSpec,
+                flip: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A sample's condition grids (None, None without): checked against ``spec``'s cond fields;
+    ``flip``: whether the sample carries a flipped image grid (then it needs a flipped map's)."""
+    if spec.cond is False or (spec.cond is None and COND not in group):
+        if COND in group:
+            raise CorruptShardError(uri, f"sample {key!r} has .{COND} but the shard has none")
+        return None, None
+    view = spec.cond_view()
+    cond = _grid(uri, key, COND, group.get(COND), view)
+    cond_flip = _grid(uri, key, COND_FLIP, group.get(COND_FLIP), view) if flip else None
+    if cond_flip is not None and cond_flip.shape != cond.shape:
+        raise CorruptShardError(uri, f"sample {key!r}: .{COND_FLIP} {list(cond_flip.shape)} != "
+                                     f".{COND} {list(cond.shape)}")
+    return cond, cond_flip
+
+
 def _samples(stream: IO[bytes], spec: CodeShardSpec) -> Iterator[CodeSample]:
     """Parse and check every sample of an open code shard (no count or hash check)."""
     uri = spec.uri
     first: tuple[tuple[int, ...], np.dtype, bool] | None = None
-    for key, group in iter_tar_groups(stream, uri):
+    cond_first: tuple[tuple[int, ...], np.dtype] | None = None
+    for n_seen, (key, group) in enumerate(iter_tar_groups(stream, uri)):
         codes = _grid(uri, key, CODES, group.get(CODES), spec)
         flip = None
         if spec.flip or (spec.flip is None and FLIP in group):
@@ -155,7 +193,14 @@ def _samples(stream: IO[bytes], spec: CodeShardSpec) -> Iterator[CodeSample]:
         if layout != first or (flip is not None and flip.shape != codes.shape):
             raise CorruptShardError(uri, f"sample {key!r}: {_layout(layout)} differs from the "
                                          f"shard's first sample ({_layout(first)})")
-        yield CodeSample(key, codes, _label(uri, key, group.get(LABEL)), flip)
+        cond, cond_flip = _cond_grids(uri, key, group, spec, flip is not None)
+        cond_layout = (tuple(cond.shape), cond.dtype) if cond is not None else None
+        if n_seen == 0:
+            cond_first = cond_layout
+        elif cond_layout != cond_first:
+            raise CorruptShardError(uri, f"sample {key!r}: condition codes {cond_layout} differ "
+                                         f"from the shard's first sample's ({cond_first})")
+        yield CodeSample(key, codes, _label(uri, key, group.get(LABEL)), flip, cond, cond_flip)
 
 
 def iter_code_samples(storage: Storage, shard: CodeShardSpec | str) -> Iterator[CodeSample]:
@@ -190,13 +235,15 @@ def _check_totals(spec: CodeShardSpec, samples: int, sha256: str) -> None:
 @dataclass
 class CodeShard:
     """A whole code shard in memory: ``codes`` [N, h, w], ``labels`` [N] (NO_LABEL: unlabelled),
-    ``flip`` [N, h, w] or None."""
+    ``flip`` [N, h, w] or None; ``cond`` / ``cond_flip`` [N, hc, wc] or None (condition codes)."""
 
     uri: str
     keys: list[str]
     codes: np.ndarray
     labels: np.ndarray
     flip: np.ndarray | None
+    cond: np.ndarray | None = None
+    cond_flip: np.ndarray | None = None
 
 
 def load_code_shard(storage: Storage, shard: CodeShardSpec | str) -> CodeShard:
@@ -217,4 +264,9 @@ def load_code_shard(storage: Storage, shard: CodeShardSpec | str) -> CodeShard:
         codes = np.zeros((0, h, w), dtype=np.dtype(spec.dtype or np.uint16))
         flip = codes.copy() if spec.flip else None
     labels = np.array([s.label for s in samples], dtype=np.int64)
-    return CodeShard(spec.uri, [s.key for s in samples], codes, labels, flip)
+    cond = cond_flip = None
+    if samples and samples[0].cond is not None:
+        cond = np.stack([s.cond for s in samples])
+        if samples[0].cond_flip is not None:
+            cond_flip = np.stack([s.cond_flip for s in samples])
+    return CodeShard(spec.uri, [s.key for s in samples], codes, labels, flip, cond, cond_flip)

@@ -319,29 +319,43 @@ def eval_batches(storage: Storage, shards: list[str], batch_size: int, size: int
 
 def code_batches(storage: Storage, spec: StreamSpec, batch_size: int, length: int,
                  position: Position | None = None, flip: bool = True,
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Position]]:
-    """Endless ``(codes [B, length] long, labels [B] (NO_LABEL: unlabelled), position)`` batches
-    from tokenize's code shards (``{key}.codes.npy``, optional ``{key}.flip.npy``, ``{key}.cls``).
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Position]]:
+    """Endless ``(codes [B, length] long, labels [B] (NO_LABEL: unlabelled), cond, position)``
+    batches from tokenize's code shards (``{key}.codes.npy``, optional ``{key}.flip.npy``,
+    ``{key}.cls``). ``cond``: the condition maps' codes [B, hc*wc] long (``{key}.cond.npy``) in
+    runs with conditions, else None.
 
     With ``flip`` and a stored flipped grid, each sample uses one of the two grids at random
-    (seeded by its place in the stream, so a resumed stream is identical).
+    (seeded by its place in the stream, so a resumed stream is identical); its condition codes
+    are then those of the mirrored map.
     """
-    from pipeline.data.codes import CODES, FLIP, parse_npy
+    from pipeline.data.codes import CODES, COND, COND_FLIP, FLIP, parse_npy
 
-    codes, labels = [], []
+    codes, labels, conds = [], [], []
     samples = Stream(storage, spec, position)
     for sample, key in samples:
-        grid = parse_npy(sample[CODES])
+        flipped = False
         if flip and FLIP in sample:
             rng = np.random.default_rng(derive(spec.seed, "flipped-codes", *key))
-            if rng.random() < 0.5:
-                grid = parse_npy(sample[FLIP])
-        flat = torch.from_numpy(grid.astype(np.int64).reshape(-1))
+            flipped = rng.random() < 0.5
+        flat = torch.from_numpy(parse_npy(sample[FLIP if flipped else CODES])
+                                .astype(np.int64).reshape(-1))
         if flat.numel() != length:
             raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has "
                              f"{flat.numel()} codes, expected {length}")
         codes.append(flat)
         labels.append(label_of(sample))
+        if COND in sample:
+            member = COND_FLIP if flipped else COND
+            if member not in sample:
+                raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} "
+                                 f"has a flipped image grid but no .{COND_FLIP}")
+            conds.append(torch.from_numpy(parse_npy(sample[member]).astype(np.int64)
+                                          .reshape(-1)))
         if len(codes) == batch_size:
-            yield torch.stack(codes), torch.tensor(labels, dtype=torch.long), samples.position()
-            codes, labels = [], []
+            if conds and len(conds) != len(codes):
+                raise ValueError(f"code shards in {sample.get('__url__')}: some samples lack "
+                                 f"condition codes (.{COND})")
+            yield (torch.stack(codes), torch.tensor(labels, dtype=torch.long),
+                   torch.stack(conds) if conds else None, samples.position())
+            codes, labels, conds = [], [], []

@@ -10,6 +10,7 @@ Vocabulary (input table, ``config.table_size`` rows)::
     0 .. vocab_size-1                    image codes (the VQGAN's n_embed codes)
     vocab_size                           start / unconditional token   (config.start_token)
     vocab_size + 1 + k, k < n_classes    class k                        (config.class_token(k))
+    cond_offset + j, j < cond_vocab_size condition code j               (config.cond_offset)
 
 The head projects onto the ``vocab_size`` image codes only: a condition token is never predicted.
 The reference shares one table between codes and condition tokens (class 5 and code 5 are the
@@ -19,6 +20,12 @@ classifier-free guidance needs (trained by ``cond_drop``).
 A sequence is ``[cond, c_0, ..., c_{L-2}]`` and its targets are ``[c_0, ..., c_{L-1}]``: the last
 code is predicted but never fed back, so ``block_size`` >= L codes suffices (16x16 codes need
 block_size 256, as in the reference).
+
+Conditional synthesis (paper §4, the reference's Net2NetTransformer): a model with
+``cond_length`` P > 0 reads the P codes of a condition map (its own VQGAN's, offset into their own
+rows of the table) after the class / start token: ``[cond, d_0, ..., d_{P-1}, c_0, ..., c_{L-2}]``,
+and is trained on the image codes only (the P prefix positions have no target), so
+``block_size`` >= P + L.
 
 Shapes for the bench config (n_layer 4, n_head 4, n_embd 256, block 256, vocab 512), batch 8:
 idx [8,256] -> tok_emb + pos_emb [8,256,256] -> 4 blocks -> ln_f -> head [8,256,512].
@@ -58,6 +65,8 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm (the reference has them)
     pkeep: float = 1.0  # training: probability of keeping an input code (else a random code)
     cond_drop: float = 0.0  # training: probability of replacing the class by the start token
+    cond_vocab_size: int = 0  # the condition VQGAN's codebook (0: no condition map)
+    cond_length: int = 0  # condition codes before the image codes (its code grid's h*w)
 
     @property
     def start_token(self) -> int:
@@ -69,9 +78,19 @@ class GPTConfig:
         return self.vocab_size + 1 + k
 
     @property
-    def table_size(self) -> int:
-        """Rows of the token embedding: codes, start token, classes."""
+    def cond_offset(self) -> int:
+        """Id of condition code 0 (condition code j is ``cond_offset + j``)."""
         return self.vocab_size + 1 + self.n_classes
+
+    @property
+    def table_size(self) -> int:
+        """Rows of the token embedding: codes, start token, classes, condition codes."""
+        return self.cond_offset + self.cond_vocab_size
+
+    @property
+    def max_codes(self) -> int:
+        """Image codes a sequence can hold after its prefix (block_size - cond_length)."""
+        return self.block_size - self.cond_length
 
     @property
     def head_dim(self) -> int:
@@ -96,6 +115,15 @@ class GPTConfig:
             raise ValueError(f"cond_drop: must be in [0, 1], got {self.cond_drop}")
         if self.cond_drop > 0.0 and self.n_classes == 0:
             raise ValueError("cond_drop: needs a class-conditional model (n_classes > 0)")
+        if self.cond_vocab_size < 0 or self.cond_length < 0:
+            raise ValueError(f"cond_vocab_size, cond_length: must be >= 0, got "
+                             f"{self.cond_vocab_size}, {self.cond_length}")
+        if (self.cond_vocab_size > 0) != (self.cond_length > 0):
+            raise ValueError("cond_vocab_size, cond_length: a condition map needs both (> 0), "
+                             f"got {self.cond_vocab_size}, {self.cond_length}")
+        if self.cond_length >= self.block_size:
+            raise ValueError(f"block_size: must exceed cond_length={self.cond_length} (room for "
+                             f"image codes), got {self.block_size}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -316,6 +344,32 @@ class GPT(Exportable, nn.Module):
                              f"[{int(labels.min())}, {int(labels.max())}]")
         return (labels + (c.vocab_size + 1)).unsqueeze(1)
 
+    def prefix_tokens(self, labels: Tensor | None, batch: int,
+                      cond_codes: Tensor | None = None) -> Tensor:
+        """What precedes the image codes, [B, 1 + cond_length] (long): the condition token
+        (:meth:`cond_tokens`) and, for a model with a condition map, its codes ``cond_codes``
+        [B, cond_length] (indices of the condition VQGAN) in their rows of the table. Raises when
+        the condition codes are missing, of the wrong length or outside its codebook."""
+        c = self.config
+        tokens = self.cond_tokens(labels, batch)
+        if c.cond_length == 0:
+            if cond_codes is not None:
+                raise ValueError("cond_codes: this model has no condition map (cond_length 0)")
+            return tokens
+        if cond_codes is None:
+            raise ValueError(f"cond_codes: this model reads a condition map of {c.cond_length} "
+                             f"codes before the image; give them")
+        cond_codes = cond_codes.to(device=tokens.device, dtype=torch.long).reshape(batch, -1)
+        if cond_codes.shape[1] != c.cond_length:
+            raise ValueError(f"cond_codes: {cond_codes.shape[1]} codes per row, the model reads "
+                             f"{c.cond_length}")
+        if cond_codes.device.type != "meta" and cond_codes.numel() and (
+            int(cond_codes.min()) < 0 or int(cond_codes.max()) >= c.cond_vocab_size
+        ):
+            raise ValueError(f"cond_codes: must be in [0, {c.cond_vocab_size}), got "
+                             f"[{int(cond_codes.min())}, {int(cond_codes.max())}]")
+        return torch.cat([tokens, cond_codes + c.cond_offset], dim=1)
+
     def corruption_draws(self, rows: int, length: int, generator: torch.Generator | None = None,
                          device: torch.device | str | None = None) -> CorruptionDraws:
         """The random numbers :meth:`prepare_batch` uses for ``rows`` sequences of ``length``
@@ -331,16 +385,20 @@ class GPT(Exportable, nn.Module):
     def prepare_batch(
         self, codes: Tensor, labels: Tensor | None = None,
         generator: torch.Generator | None = None, draws: CorruptionDraws | None = None,
+        cond_codes: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """(idx [B,L], targets [B,L]) for ``forward``: idx = [cond, codes[:, :-1]], targets =
-        codes. In training mode only: each input code is kept with probability ``pkeep`` (else
-        replaced by a uniformly random code; targets stay clean) and each class token is
-        replaced by the start token with probability ``cond_drop``. The random numbers are
-        ``draws`` (:meth:`corruption_draws`, B rows) when given, else drawn from ``generator``."""
+        """(idx [B,P+L], targets [B,P+L]) for ``forward``: idx = [cond, condition codes (P =
+        cond_length, see :meth:`prefix_tokens`), codes[:, :-1]], targets = [-100 x P (no
+        target: the loss is over the image codes only), codes]. In training mode only: each input
+        image code is kept with probability ``pkeep`` (else replaced by a uniformly random code;
+        targets stay clean) and each class token is replaced by the start token with
+        probability ``cond_drop``. The random numbers are ``draws`` (:meth:`corruption_draws`,
+        B rows) when given, else drawn from ``generator``."""
         c = self.config
         b, length = codes.shape
-        if length > c.block_size:
-            raise ValueError(f"prepare_batch: {length} codes exceed block_size {c.block_size}")
+        if length > c.max_codes:
+            raise ValueError(f"prepare_batch: {length} codes exceed block_size {c.block_size}"
+                             + (f" - cond_length {c.cond_length}" if c.cond_length else ""))
         codes = codes.long()
         cond = self.cond_tokens(labels, b).to(codes.device)
         inputs = codes[:, :-1]
@@ -355,15 +413,23 @@ class GPT(Exportable, nn.Module):
         if drop_cond:
             drop = draws.drop.to(codes.device) < c.cond_drop
             cond = torch.where(drop, torch.full_like(cond, c.start_token), cond)
-        return torch.cat([cond, inputs], dim=1), codes
+        if c.cond_length == 0:
+            if cond_codes is not None:
+                raise ValueError("cond_codes: this model has no condition map (cond_length 0)")
+            return torch.cat([cond, inputs], dim=1), codes
+        # The class token went through cond_drop above; the map's codes are never dropped.
+        prefix = self.prefix_tokens(None, b, cond_codes)[:, 1:].to(codes.device)
+        ignore = torch.full((b, c.cond_length), -100, dtype=torch.long, device=codes.device)
+        return torch.cat([cond, prefix, inputs], dim=1), torch.cat([ignore, codes], dim=1)
 
     def loss(
         self, codes: Tensor, labels: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, cond_codes: Tensor | None = None,
     ) -> Tensor:
         """Mean cross-entropy of predicting ``codes`` [B,L] (flattened code grids, raster order)
-        given the class ``labels`` [B] (or the start token). See :meth:`prepare_batch`."""
-        idx, targets = self.prepare_batch(codes, labels, generator)
+        given the class ``labels`` [B] (or the start token) and, for a model with a condition
+        map, its codes ``cond_codes`` [B,P]. See :meth:`prepare_batch`."""
+        idx, targets = self.prepare_batch(codes, labels, generator, cond_codes=cond_codes)
         _, loss = self(idx, targets)
         assert loss is not None
         return loss
@@ -374,7 +440,8 @@ class GPT(Exportable, nn.Module):
         """idx [B,T] (T <= block_size, ids < table_size) -> (logits [B,T,vocab_size], loss).
 
         ``logits[:, t]`` is the distribution of the code after ``idx[:, :t+1]``; ``loss`` is the
-        mean cross-entropy against ``targets`` [B,T] (None without targets).
+        mean cross-entropy against ``targets`` [B,T] over the positions whose target is not -100
+        (None without targets).
         """
         _, t = idx.shape
         if t > self.config.block_size:

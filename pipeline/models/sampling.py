@@ -139,14 +139,16 @@ def sample_logits(
 
 @dataclass
 class _Setup:
-    tokens: Tensor  # [B',1] condition tokens; B' = 2n under guidance (cond rows, then uncond)
+    # [B',1+P] condition token (+ the P condition-map codes of a model with cond_length P);
+    # B' = 2n under guidance (cond rows, then uncond: the start token, the same map codes)
+    tokens: Tensor
     guided: bool
     generator: torch.Generator | None
 
 
 def _setup(
     model: GPT, n: int, cond: Tensor | None, cfg_scale: float,
-    generator: torch.Generator | None, seed: int | None,
+    generator: torch.Generator | None, seed: int | None, cond_codes: Tensor | None = None,
 ) -> _Setup:
     if model.training:
         raise ValueError("sampling needs the model in eval mode (call model.eval())")
@@ -155,9 +157,9 @@ def _setup(
     guided = cfg_scale != 1.0
     if guided and cond is None:
         raise ValueError("cfg_scale: guidance (!= 1) needs class labels (cond)")
-    tokens = model.cond_tokens(cond, n)
+    tokens = model.prefix_tokens(cond, n, cond_codes)
     if guided:
-        tokens = torch.cat([tokens, model.cond_tokens(None, n)])
+        tokens = torch.cat([tokens, model.prefix_tokens(None, n, cond_codes)])
     if generator is None and seed is not None:
         generator = torch.Generator(device=tokens.device).manual_seed(seed)
     return _Setup(tokens, guided, generator)
@@ -174,10 +176,11 @@ def _next(
 
 
 def _check_length(model: GPT, length: int | None) -> int:
-    block = model.config.block_size
+    block = model.config.max_codes
     length = block if length is None else length
     if not 1 <= length <= block:
-        raise ValueError(f"length: must be in [1, block_size={block}], got {length}")
+        raise ValueError(f"length: must be in [1, block_size - cond_length={block}], got "
+                         f"{length}")
     return length
 
 
@@ -189,25 +192,31 @@ def sample(
     model: GPT, n: int, cond: Tensor | None = None, length: int | None = None, *,
     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
     cfg_scale: float = 1.0, generator: torch.Generator | None = None, seed: int | None = None,
-    callback: StepCallback | None = None,
+    callback: StepCallback | None = None, cond_codes: Tensor | None = None,
 ) -> Tensor:
     """Sample ``n`` code sequences [n, length] (int64) with a KV cache.
 
-    ``cond``: class labels [n] (rows may differ) or None for the start token. ``length``:
-    codes per row, at most (default) ``block_size``. ``cfg_scale != 1``: classifier-free
-    guidance, the unconditional rows run in the same batch. ``callback(step, logits)`` sees each
-    step's raw logits [B',V] (before guidance and filtering).
+    ``cond``: class labels [n] (rows may differ) or None for the start token. ``cond_codes``
+    [n, P]: the condition map's codes, for a model with a condition map (``cond_length`` P; the
+    prefix is run in one forward). ``length``: codes per row, at most (default)
+    ``block_size - cond_length``. ``cfg_scale != 1``: classifier-free guidance (over the class;
+    both halves see the map), the unconditional rows run in the same batch.
+    ``callback(step, logits)`` sees each step's raw logits [B',V] (before guidance and
+    filtering).
     """
     length = _check_length(model, length)
-    s = _setup(model, n, cond, cfg_scale, generator, seed)
-    batch = s.tokens.shape[0]
-    cache = model.new_cache(batch, max_len=length)
+    s = _setup(model, n, cond, cfg_scale, generator, seed, cond_codes)
+    batch, prefix = s.tokens.shape
+    cache = model.new_cache(batch, max_len=prefix - 1 + length)
     out = torch.empty(n, length, dtype=torch.long, device=s.tokens.device)
     x = s.tokens[:, 0]  # [B'] tokens to feed next
     with decode_threads(step_macs(model.config, batch)):
         decode = one_token_step(model, batch)  # kernels for the thread count it runs with
         for step in range(length):
-            logits = decode(x, cache, step)  # [B',V]
+            if step == 0 and prefix > 1:  # the condition map's codes: one prefill forward
+                logits = model.forward_step(s.tokens, cache, 0)[:, -1]
+            else:
+                logits = decode(x, cache, prefix - 1 + step)  # [B',V]
             if callback is not None:
                 callback(step, logits)
             code = _next(logits, s, cfg_scale, temperature, top_k, top_p)  # [n]
@@ -221,13 +230,13 @@ def sample_uncached(
     model: GPT, n: int, cond: Tensor | None = None, length: int | None = None, *,
     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
     cfg_scale: float = 1.0, generator: torch.Generator | None = None, seed: int | None = None,
-    callback: StepCallback | None = None,
+    callback: StepCallback | None = None, cond_codes: Tensor | None = None,
 ) -> Tensor:
     """:func:`sample` without a cache: every step runs ``model.forward`` over the whole context
     (what the reference does). Same arguments, same draws, same result up to float rounding."""
     length = _check_length(model, length)
-    s = _setup(model, n, cond, cfg_scale, generator, seed)
-    seq = s.tokens  # [B',1+step]
+    s = _setup(model, n, cond, cfg_scale, generator, seed, cond_codes)
+    seq = s.tokens  # [B',1+P+step]
     out = torch.empty(n, length, dtype=torch.long, device=seq.device)
     for step in range(length):
         logits = model(seq)[0][:, -1]  # [B',V]

@@ -112,10 +112,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Every tensor of a batch on ``device``. On CUDA the host tensors go through pinned memory
-    and are copied asynchronously (the copy overlaps the previous step's kernels)."""
+def to_device(batch: tuple[torch.Tensor | None, ...], device: torch.device
+              ) -> tuple[torch.Tensor | None, ...]:
+    """Every tensor of a batch on ``device`` (None entries, e.g. absent condition codes, stay
+    None). On CUDA the host tensors go through pinned memory and are copied asynchronously (the
+    copy overlaps the previous step's kernels)."""
     if device.type != "cuda":
-        return tuple(t.to(device) for t in batch)
-    return tuple(t.pin_memory().to(device, non_blocking=True) if t.device.type == "cpu"
-                 else t.to(device) for t in batch)
+        return tuple(t if t is None else t.to(device) for t in batch)
+    return tuple(t if t is None else t.pin_memory().to(device, non_blocking=True)
+                 if t.device.type == "cpu" else t.to(device) for t in batch)

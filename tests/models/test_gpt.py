@@ -215,3 +215,42 @@ def test_forward_step_matches_forward():
     torch.testing.assert_close(last[:, 0], full[:, 23], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="exceed"):
         model.forward_step(idx[:, :2], cache, 23)
+
+
+def test_condition_map_prefix_and_loss_on_image_codes_only():
+    """A model with a condition map (the reference's Net2NetTransformer): [cond token ;
+    condition codes in their own table rows ; image codes], no target on the prefix."""
+    torch.manual_seed(0)
+    model = GPT(tiny(block_size=14, cond_vocab_size=5, cond_length=4))
+    c = model.config
+    assert c.cond_offset == 32 + 1 + 3 and model.tok_emb.weight.shape[0] == 32 + 1 + 3 + 5
+    assert c.max_codes == 10
+    codes = torch.randint(0, 32, (2, 10))
+    maps = torch.tensor([[0, 1, 2, 4], [4, 3, 2, 1]])
+    idx, targets = model.eval().prepare_batch(codes, torch.tensor([1, 2]), cond_codes=maps)
+    assert idx[:, 0].tolist() == [c.class_token(1), c.class_token(2)]
+    assert idx[:, 1:5].tolist() == (maps + c.cond_offset).tolist()
+    assert torch.equal(idx[:, 5:], codes[:, :-1])
+    assert (targets[:, :4] == -100).all() and torch.equal(targets[:, 4:], codes)
+    # The loss is the mean over the image codes: the logits at positions 4.. against the codes.
+    logits, loss = model(idx, targets)
+    want = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, 32), codes.reshape(-1))
+    torch.testing.assert_close(loss, want)
+    assert torch.isclose(model.loss(codes, torch.tensor([1, 2]), cond_codes=maps), want)
+    # The map matters: another map gives other logits for the image codes.
+    other, _ = model(model.prepare_batch(codes, torch.tensor([1, 2]), cond_codes=maps.flip(1))[0])
+    assert not torch.allclose(other[:, 4:], logits[:, 4:])
+    with pytest.raises(ValueError, match="give them"):
+        model.prepare_batch(codes, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"must be in \[0, 5\)"):
+        model.prepare_batch(codes, torch.tensor([1, 2]), cond_codes=maps + 1)
+    with pytest.raises(ValueError, match="3 codes per row, the model reads 4"):
+        model.prepare_batch(codes, torch.tensor([1, 2]), cond_codes=maps[:, :3])
+    with pytest.raises(ValueError, match="exceed block_size 14 - cond_length 4"):
+        model.prepare_batch(torch.zeros(2, 11, dtype=torch.long), cond_codes=maps)
+    with pytest.raises(ValueError, match="no condition map"):
+        GPT(tiny()).prepare_batch(codes, torch.tensor([1, 2]), cond_codes=maps)
+    for bad in (dict(cond_vocab_size=5), dict(cond_length=4), dict(cond_length=24,
+                                                                      cond_vocab_size=5)):
+        with pytest.raises(ValueError, match="cond_"):
+            GPT(tiny(**bad))

@@ -225,3 +225,26 @@ def test_unconditional_model():
     assert grid.shape == (2, 5, 6) and (grid < 16).all()
     with pytest.raises(ValueError, match="labels"):
         sample(model, 1, torch.tensor([0]), 4)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_condition_map_prefix_cached_equals_uncached(cfg_scale):
+    """A model with a condition map samples after its codes (one prefill forward); the cached
+    sampler gives the uncached one's logits and codes, and the map changes what is drawn."""
+    model = model_for(block_size=12 + 9, cond_vocab_size=7, cond_length=9)
+    maps = torch.randint(0, 7, (3, 9), generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 2, 1])
+    steps: dict[str, list[torch.Tensor]] = {"cached": [], "uncached": []}
+    kw = dict(temperature=0.9, top_k=8, cfg_scale=cfg_scale, seed=5, cond_codes=maps)
+    a = sample(model, 3, labels, 12, callback=lambda s, x: steps["cached"].append(x.clone()), **kw)
+    b = sample_uncached(model, 3, labels, 12,
+                        callback=lambda s, x: steps["uncached"].append(x.clone()), **kw)
+    for x, y in zip(steps["cached"], steps["uncached"], strict=True):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+    assert torch.equal(a, b) and a.shape == (3, 12)
+    c = sample(model, 3, labels, 12, **{**kw, "cond_codes": (maps + 3) % 7})
+    assert not torch.equal(a, c)
+    with pytest.raises(ValueError, match=r"block_size - cond_length=12"):
+        sample(model, 3, labels, 13, cond_codes=maps)
+    with pytest.raises(ValueError, match="give them"):
+        sample(model, 3, labels, 12)

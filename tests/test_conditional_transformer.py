@@ -1,0 +1,185 @@
+"""Conditional codes through tokenize and train_transformer (issue #16 part 3).
+
+One run over the digits with derived Canny edges (in this process, without Ray): train_vqgan,
+train_cond_vqgan, tokenize (with mirrored copies), train_transformer. Covered: every code shard
+carries the edge maps' codes, equal to the condition VQGAN's encoding of the center-cropped map
+(and of its mirror); the manifest records the condition codes; the GPT reads [start ; condition
+codes ; image codes], learns the image codes only, and its val loss is lower with each sample's
+own map than with another sample's map (it uses the condition); the sample grid shows condition
+| sample | truth rows; `use_condition: false` trains an unconditional GPT on the same codes; an
+unconditional run's tokenize and train_transformer keep their fingerprints and outputs format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.dag import Pipeline
+from pipeline.data import codes, loader
+from pipeline.data.conditions import ConditionInput
+from pipeline.manifests import TokenizeOutputs
+from pipeline.models.gpt import GPT
+from pipeline.models.vqgan import VQGAN
+from pipeline.storage import Storage
+from stages import STAGES
+from stages.tokenize import CondOptions, Options, plan_tasks, reusable
+from stages.train_transformer import evaluate
+from tests.test_train_vqgan import TINY as TINY_VQGAN
+
+RES = 16
+TINY = [*[o for o in TINY_VQGAN if not o.startswith(("train_vqgan.num_workers",
+                                                       "train_vqgan.zero_stage"))],
+        "shard.condition.kind=canny", "shard.samples_per_shard=128",
+        "train_vqgan.steps=40", "train_vqgan.checkpoint_every=40", "train_vqgan.eval_images=16",
+        *[f"train_cond_vqgan.{o}" for o in (
+            "model.resolution=16", "model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1",
+            "model.attn_resolutions=[8]", "model.z_channels=32", "model.embed_dim=16",
+            "model.n_embed=32", "disc.ndf=16", "disc.n_layers=2", "lr=2e-3", "betas=[0.5,0.9]",
+            "micro_batch=8", "steps=40", "checkpoint_every=40", "eval_images=16",
+            "loss.disc_start=30", "loss.disc_weight=0.2")],
+        "tokenize.store_flipped=true",
+        "train_transformer.n_layer=2", "train_transformer.n_head=2",
+        "train_transformer.n_embd=64", "train_transformer.micro_batch=16",
+        "train_transformer.lr=3e-3", "train_transformer.warmup_steps=5",
+        "train_transformer.schedule=constant", "train_transformer.steps=300",
+        "train_transformer.checkpoint_every=300", "train_transformer.log_every=50",
+        "train_transformer.image_every=300", "train_transformer.eval_samples=200",
+        "train_transformer.samples_per_class=1", "train_transformer.conditional=false"]
+PIPE = Pipeline([s for s in STAGES if s.name != "sample"])
+
+
+def _cfg(root, *extra: str):
+    return load_config(None, ["run=cond", f"storage.root={root}", "tracking.mode=disabled",
+                              *TINY, *extra], PIPE.schema)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cond")
+    cfg = _cfg(root)
+    return {"root": root, "cfg": cfg, "manifests": PIPE.run(cfg, local=True)}
+
+
+def _vqgan(storage: Storage, export) -> VQGAN:
+    return VQGAN.from_bytes(storage.read_text(export.config),
+                            storage.read_bytes(export.weights)).eval()
+
+
+def test_tokenize_stores_the_condition_codes(run):
+    storage = Storage()
+    m = run["manifests"]
+    tok = TokenizeOutputs.from_dict(m["tokenize"]["outputs"])
+    cond = tok.condition
+    assert cond is not None and cond.kind == "canny" and cond.classes == 0
+    assert cond.grid == (8, 8) and cond.n_embed == 32 and cond.dtype == "uint16"
+    assert cond.vqgan.weights == m["train_cond_vqgan"]["outputs"]["export"]["weights"]
+    assert cond.vqgan.train_vqgan_fingerprint == m["train_cond_vqgan"]["fingerprint"]
+    assert sum(cond.histogram["train"]) == tok.splits["train"].samples * 64
+    assert 0 < cond.usage["train"]["fraction"] <= 1
+    assert tok.format["cond"] == codes.COND and tok.format["cond_flip"] == codes.COND_FLIP
+
+    # The stored codes are the condition VQGAN's encoding of each center-cropped map (and of
+    # the mirrored map), sample for sample, in the image shard's order.
+    cond_vq = _vqgan(storage, cond.vqgan)
+    reader = ConditionInput("canny")
+    image_shard = m["shard"]["outputs"]["shards"][0]
+    spec = codes.shard_specs(tok)[0]
+    assert spec.uri.endswith(image_shard["name"]) and spec.cond and spec.cond_grid == (8, 8)
+    shard = codes.load_code_shard(storage, spec)
+    maps, _ = next(loader.eval_batches(storage, [image_shard["uri"]], 32, RES, reader=reader))
+    with torch.inference_mode():
+        want = cond_vq.encode(maps).indices.numpy()
+        want_flip = cond_vq.encode(maps.flip(3)).indices.numpy()
+    assert shard.cond is not None and shard.cond_flip is not None
+    np.testing.assert_array_equal(shard.cond[:32], want)
+    np.testing.assert_array_equal(shard.cond_flip[:32], want_flip)
+    assert not np.array_equal(shard.cond, shard.codes)  # two encoders, two codebooks
+
+    # A code shard is reused only when made with the same condition encoder and grid.
+    task = plan_tasks(m["tokenize"]["uri"], [tok.shards[0]])[0]
+    task.update(source=image_shard["uri"], source_sha256=image_shard["sha256"],
+                source_samples=image_shard["samples"])
+    c = CondOptions(kind="canny", classes=0, grid=(8, 8), n_embed=32, dtype="uint16",
+                    vqgan_sha256=cond.vqgan.weights_sha256)
+    opts = Options(resolution=RES, grid=tok.grid, n_embed=tok.n_embed, dtype=tok.dtype,
+                   flip=True, batch_size=5, vqgan_sha256=tok.vqgan.weights_sha256, cond=c)
+    assert reusable(storage, task, opts) is not None
+    assert reusable(storage, task, replace(opts, cond=replace(c, vqgan_sha256="0" * 64))) is None
+    assert reusable(storage, task, replace(opts, cond=None)) is None
+
+
+def test_reader_checks_the_condition_codes(run, tmp_path):
+    storage = Storage()
+    tok = TokenizeOutputs.from_dict(run["manifests"]["tokenize"]["outputs"])
+    spec = codes.shard_specs(tok)[0]
+    with pytest.raises(codes.CorruptShardError, match="outside the codebook of 31"):
+        codes.load_code_shard(storage, replace(spec, cond_n_embed=31, sha256=None))
+    with pytest.raises(codes.CorruptShardError, match=r"cond.npy grid \[8, 8\] != expected"):
+        codes.load_code_shard(storage, replace(spec, cond_grid=(4, 4), sha256=None))
+    with pytest.raises(codes.CorruptShardError, match="has .cond.npy but the shard has none"):
+        codes.load_code_shard(storage, replace(spec, cond=False, sha256=None))
+
+
+def test_transformer_reads_the_condition(run):
+    storage = Storage()
+    m = run["manifests"]
+    out = m["train_transformer"]["outputs"]
+    assert out["condition"]["kind"] == "canny" and out["condition"]["length"] == 64
+    exp = out["export"]
+    model = GPT.from_bytes(storage.read_text(exp["config"]), storage.read_bytes(exp["weights"]))
+    c = model.config
+    assert (c.cond_length, c.cond_vocab_size, c.block_size) == (64, 32, 64 + 64)
+    assert out["val_loss"] < out["unigram_entropy"] - 0.2, out
+
+    # Its own map helps: the val loss is lower than with the maps of other samples.
+    tok = TokenizeOutputs.from_dict(m["tokenize"]["outputs"])
+    val = [codes.load_code_shard(storage, s) for s in codes.shard_specs(tok, "val")]
+    grids = torch.from_numpy(np.concatenate([s.codes for s in val]).astype(np.int64))
+    maps = torch.from_numpy(np.concatenate([s.cond for s in val]).astype(np.int64))
+    n = len(grids)
+    with torch.no_grad():
+        own = float(model.loss(grids.view(n, -1), cond_codes=maps.view(n, -1)))
+        other = float(model.loss(grids.view(n, -1), cond_codes=maps.roll(1, 0).view(n, -1)))
+    assert own == pytest.approx(evaluate(model, storage, tok.uris("val"), 64, 10_000)["loss"],
+                                rel=1e-4)
+    assert own < other - 0.03, (own, other)  # 1.60 vs 1.68 on Zen4
+
+    # condition | sample | truth rows: 3 cells of 64 px (16 px upscaled) + padding per row.
+    from PIL import Image
+
+    png = [u for u in out["images"] if u.endswith("samples-00000300.png")]
+    with Image.open(storage.open(png[0], "rb")) as img:
+        assert img.size[0] == 3 * (64 + 8) + 8  # pad 2 px, upscaled 4x
+
+
+def test_use_condition_false_trains_an_unconditional_gpt(run):
+    cfg = _cfg(run["root"], "train_transformer.use_condition=false", "train_transformer.steps=20",
+               "train_transformer.checkpoint_every=20", "train_transformer.image_every=20")
+    out = PIPE.run(cfg, local=True)
+    res = out["train_transformer"]
+    assert res["fingerprint"] != run["manifests"]["train_transformer"]["fingerprint"]
+    assert out["tokenize"]["fingerprint"] == run["manifests"]["tokenize"]["fingerprint"]
+    assert "condition" not in res["outputs"]
+    exp = res["outputs"]["export"]
+    storage = Storage()
+    model = GPT.from_bytes(storage.read_text(exp["config"]), storage.read_bytes(exp["weights"]))
+    assert model.config.cond_length == 0 and model.config.block_size == 64
+
+
+def test_unconditional_runs_keep_fingerprints(tmp_path):
+    """tokenize's optional upstream leaves runs without conditions as they were: every
+    fingerprint equals the one of a pipeline built without the condition branch (which runs
+    tokenize as if it had no such upstream)."""
+    plain = Pipeline([s for s in STAGES if s.name != "train_cond_vqgan"])
+    assert plain.stages["tokenize"].upstream == ("shard", "train_vqgan")
+    args = ["run=p", f"storage.root={tmp_path}", "tracking.mode=disabled"]
+    full = {p.stage.name: p.fingerprint for p in Pipeline(STAGES).plan(
+        load_config(None, args, Pipeline(STAGES).schema)) if not p.skipped}
+    assert set(full) == set(plain.stages)
+    assert full == {p.stage.name: p.fingerprint
+                    for p in plain.plan(load_config(None, args, plain.schema))}
