@@ -123,6 +123,9 @@ def cmd_sample(args: argparse.Namespace, pipe: Pipeline) -> int:
         if args.n < 1:
             raise ValueError(f"--n: must be >= 1, got {args.n}")
         grid = g.code_grid(args.size, factor, models.grid) if args.size else models.grid
+        cond = _condition(args, storage, models, device)
+        if cond is not None:
+            grid = tuple(cond[0].shape[-2:])
         if args.classes and not models.classes:
             raise ValueError("--class: this run's GPT is unconditional")
         bad = [k for k in args.classes or [] if not 0 <= k < len(models.classes)]
@@ -139,13 +142,22 @@ def cmd_sample(args: argparse.Namespace, pipe: Pipeline) -> int:
              grid[1] * factor, *grid,
              f", sliding {h}x{w} window" if grid != models.grid else "", models.transformer_uri)
     out = g.generate(gpt, vqgan, n, labels, models.grid, grid, options=options, seed=args.seed,
-                     batch_size=args.batch_size, progress=True)
+                     batch_size=args.batch_size, progress=True,
+                     cond_grids=cond[0] if cond is not None else None)
     names = g.sample_names(labels, n, models.classes)
     _, grid_uri = g.write_pngs(storage, args.out, out.images, names,
                                cols=args.n if labels is not None else min(n, 10))
+    condition = None
+    if cond is not None:  # the map as the model read it (cropped), to look at beside the samples
+        from pipeline.metrics import png_bytes, to_uint8
+
+        preview = g.condition_input(models).preview(cond[1])
+        storage.write_bytes(join(args.out, "condition.png"), png_bytes(to_uint8(preview)[0]))
+        condition = {"map": args.cond, "kind": models.condition["kind"], "file": "condition.png",
+                     "size": list(cond[1].shape[-2:])}
     storage.write_json(join(args.out, "samples.json"), {
         "run": args.run_uri, "transformer": models.transformer_uri, "seed": args.seed,
-        "options": options.to_dict(), "code_grid": list(grid),
+        "options": options.to_dict(), "code_grid": list(grid), "condition": condition,
         "image_size": list(out.images.shape[-2:]), "seconds": round(out.seconds, 3),
         "files": [{"file": f, "class": None if labels is None else int(k)}
                   for f, k in zip(names, labels.tolist() if labels is not None else [None] * n,
@@ -154,6 +166,31 @@ def cmd_sample(args: argparse.Namespace, pipe: Pipeline) -> int:
              args.out)
     print(grid_uri)
     return 0
+
+
+def _condition(args: argparse.Namespace, storage: Storage, models: Any, device: str
+               ) -> tuple[Any, Any] | None:
+    """(condition codes [1, H, W], the cropped map [1, C, H·f, W·f]) of ``--cond``, or None
+    for a GPT without condition maps; ValueError for a missing, unreadable or mismatched
+    --cond."""
+    from pipeline import generate as g
+
+    if models.condition is None:
+        if args.cond:
+            raise ValueError("--cond: this run's GPT reads no condition maps")
+        return None
+    if not args.cond:
+        raise ValueError(f"--cond: this run's GPT generates images from "
+                         f"{models.condition['kind']} maps; give one (--cond MAP.png)")
+    if args.size:
+        raise ValueError("--size: the --cond map sets the size")
+    try:
+        data = storage.read_bytes(args.cond)
+    except FileNotFoundError as e:
+        raise ValueError(f"--cond: {args.cond} not found") from e
+    cond_vqgan = g.load_cond_vqgan(storage, models, device)
+    return g.encode_condition(cond_vqgan, g.condition_input(models), data, f"--cond {args.cond}",
+                              models.grid)
 
 
 def _fmt_seconds(s: float | None) -> str:
@@ -267,6 +304,12 @@ def build_parser(stage_names: Sequence[str]) -> argparse.ArgumentParser:
     sample.add_argument("--size", type=_size, metavar="HxW",
                         help="image size in pixels (default: the trained size); larger sizes "
                              "use sliding-window sampling")
+    sample.add_argument("--cond", metavar="MAP.png",
+                        help="condition map (runs with shard.condition: a label map, 16-bit "
+                             "depth, edge or gray PNG as the shard stage stores that kind); the "
+                             "samples take its size (center-cropped to a multiple of the "
+                             "VQGAN's factor), with a sliding window when larger than the "
+                             "trained size")
     sample.add_argument("--temperature", type=float, default=1.0)
     sample.add_argument("--top-k", type=int, default=100, metavar="K",
                         help="sample among the K likeliest codes (default 100, as the "

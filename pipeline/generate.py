@@ -67,6 +67,9 @@ class RunModels:
     vqgan_config: str
     grid: tuple[int, int]  # the trained code grid (h, w): the sampling window
     classes: list[str]  # class names, [] when unconditional
+    # A GPT that reads condition maps (issue #16): kind, classes, grid, length, vqgan {weights,
+    # config} (URIs relocated like the others); None for other models.
+    condition: dict[str, Any] | None = None
 
 
 def _finished(storage: Storage, stage_uri: str, stage: str) -> dict[str, Any] | None:
@@ -123,11 +126,14 @@ def run_models(storage: Storage, manifest: dict[str, Any], folder: str) -> RunMo
             raise FileNotFoundError(f"{vq_folder}: the VQGAN this GPT was trained on is not "
                                     f"finished or was removed")
         vq = VQGANOutputs.from_dict(vq_manifest["outputs"], f"{VQGAN_STAGE} outputs").export
+    cond = out.condition
+    if cond is not None:
+        cond = {**cond, "vqgan": {k: moved(v) for k, v in cond["vqgan"].items()}}
     return RunModels(
         transformer_uri=folder, gpt_weights=moved(out.export.weights),
         gpt_config=moved(out.export.config), vqgan_weights=moved(vq.weights),
         vqgan_config=moved(vq.config), grid=(int(out.grid[0]), int(out.grid[1])),
-        classes=[str(c) for c in out.classes] if out.n_classes else [])
+        classes=[str(c) for c in out.classes] if out.n_classes else [], condition=cond)
 
 
 def find_models(storage: Storage, uri: str) -> RunModels:
@@ -156,6 +162,57 @@ def load_models(storage: Storage, models: RunModels, device: str = "cpu") -> tup
     vqgan = VQGAN.from_bytes(storage.read_text(models.vqgan_config),
                              storage.read_bytes(models.vqgan_weights), map_location=device)
     return gpt.eval(), vqgan.eval()
+
+
+def load_cond_vqgan(storage: Storage, models: RunModels, device: str = "cpu") -> Any:
+    """The condition VQGAN of a GPT that reads condition maps (fp32, eval mode)."""
+    from pipeline.models.vqgan import VQGAN
+
+    if models.condition is None:
+        raise ValueError(f"{models.transformer_uri}: this GPT reads no condition maps")
+    exp = models.condition["vqgan"]
+    return VQGAN.from_bytes(storage.read_text(exp["config"]), storage.read_bytes(exp["weights"]),
+                            map_location=device).eval()
+
+
+def condition_input(models: RunModels) -> Any:
+    """How the run's condition VQGAN reads a map (:class:`ConditionInput`)."""
+    from pipeline.data.conditions import ConditionInput
+
+    assert models.condition is not None
+    return ConditionInput(models.condition["kind"], int(models.condition.get("classes") or 0))
+
+
+def encode_condition(cond_vqgan: Any, reader: Any, data: bytes, name: str,
+                     window: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A user's condition map (PNG bytes, stored as the shard stage stores ``kind``: label ids
+    in an L PNG, 16-bit depth, 8-bit edges or gray) → (its codes [1, H, W] under the condition
+    VQGAN, the map's model input [1, C, H·f, W·f]), center-cropped to a multiple of the VQGAN's
+    factor ``f``. ValueError naming ``name`` when it is not such a map or is smaller than the
+    trained size (``window`` codes)."""
+    from pipeline.data.conditions import condition_array
+
+    factor = cond_vqgan.config.downsample_factor
+    try:
+        arr = condition_array(data, reader.kind)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{name}: not a {reader.kind} map ({e})") from e
+    hwc = arr[..., None] if arr.ndim == 2 else arr.transpose(1, 2, 0)
+    h, w = hwc.shape[0] // factor * factor, hwc.shape[1] // factor * factor
+    try:
+        grid = code_grid((h, w), factor, window)
+    except ValueError as e:
+        raise ValueError(f"{name}: {hwc.shape[0]}x{hwc.shape[1]} px map: {e}") from e
+    top, left = (hwc.shape[0] - h) // 2, (hwc.shape[1] - w) // 2
+    try:
+        x = reader.tensor(hwc[top:top + h, left:left + w]).unsqueeze(0)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from e
+    device = next(cond_vqgan.parameters()).device
+    with torch.inference_mode():
+        codes = cond_vqgan.encode(x.to(device)).indices
+    assert tuple(codes.shape[-2:]) == grid
+    return codes, x
 
 
 # -- sampling --------------------------------------------------------------------------------------
@@ -193,12 +250,13 @@ class Generated:
 def generate(
     gpt: Any, vqgan: Any, n: int, labels: torch.Tensor | None, window: tuple[int, int],
     grid: tuple[int, int] | None = None, options: SampleOptions = SampleOptions(), seed: int = 0,
-    batch_size: int = 64, progress: bool = False,
+    batch_size: int = 64, progress: bool = False, cond_grids: torch.Tensor | None = None,
 ) -> Generated:
     """``n`` samples (``labels`` [n] class ids, or None: unconditional) on a code ``grid``
     (default: the trained ``window``; larger: sliding-window sampling), decoded by ``vqgan``.
-    One generator seeded with ``seed`` draws every batch: the same arguments give the same
-    images."""
+    ``cond_grids`` [n, H, W] (a GPT that reads condition maps): each sample's condition codes on
+    the same grid (one row may be expanded to all n). One generator seeded with ``seed`` draws
+    every batch: the same arguments give the same images."""
     from tqdm.auto import tqdm
 
     from pipeline.kernels import decode as native_decode
@@ -209,6 +267,11 @@ def generate(
     grid = grid or window
     if labels is not None and len(labels) != n:
         raise ValueError(f"labels: {len(labels)} for n={n}")
+    if cond_grids is not None:
+        cond_grids = cond_grids.expand(n, -1, -1) if len(cond_grids) == 1 else cond_grids
+        if tuple(cond_grids.shape) != (n, *grid):
+            raise ValueError(f"cond_grids: {list(cond_grids.shape)}, expected [{n}, "
+                             f"{grid[0]}, {grid[1]}] (the code grid)")
     device = next(gpt.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     kwargs = dict(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
@@ -219,10 +282,13 @@ def generate(
     for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress):
         b = min(batch_size, n - start)
         cond = labels[start:start + b].to(device) if labels is not None else None
+        maps = cond_grids[start:start + b].to(device) if cond_grids is not None else None
         if grid == window:
-            c = sample(gpt, b, cond, grid[0] * grid[1], **kwargs).view(b, *grid)
+            c = sample(gpt, b, cond, grid[0] * grid[1], **kwargs,
+                       cond_codes=None if maps is None else maps.reshape(b, -1)).view(b, *grid)
         else:
-            c = sample_sliding(gpt, b, cond, grid=grid, window=window, **kwargs)
+            c = sample_sliding(gpt, b, cond, grid=grid, window=window, **kwargs,
+                               cond_grid=maps)
         with torch.inference_mode():
             images.append(vqgan.decode_indices(c).float().clamp(-1, 1).cpu())
         codes.append(c.cpu())

@@ -12,6 +12,7 @@ unconditional run's tokenize and train_transformer keep their fingerprints and o
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import numpy as np
@@ -183,3 +184,46 @@ def test_unconditional_runs_keep_fingerprints(tmp_path):
     assert set(full) == set(plain.stages)
     assert full == {p.stage.name: p.fingerprint
                     for p in plain.plan(load_config(None, args, plain.schema))}
+
+
+def test_sample_cli_from_a_users_condition_map(run, tmp_path, capsys):
+    """`sample RUN --cond MAP.png`: a map 4x the trained area gives images of its size (sliding
+    window, the condition cropped under it); the map is saved beside them; a run with condition
+    maps refuses to sample without one."""
+    from PIL import Image
+
+    from pipeline.cli import main
+    from pipeline.data.conditions import COND
+    from pipeline.data.wds import iter_samples
+
+    storage = Storage()
+    # This GPT by its folder: the run folder's latest is the use_condition=false one.
+    run_uri = run["manifests"]["train_transformer"]["uri"]
+    first = run["manifests"]["shard"]["outputs"]["shards"][-1]["uri"]
+    maps = [np.asarray(Image.open(io.BytesIO(s[COND])))
+            for _, s in zip(range(4), iter_samples(storage, first))]
+    big = np.block([[maps[0], maps[1]], [maps[2], maps[3]]])  # 32x32 edges of 4 digits
+    path = tmp_path / "edges.png"
+    Image.fromarray(big[:, :31], "L").save(path)  # 31 px wide: center-cropped to 30 (factor 2)
+    out = tmp_path / "out"
+    assert main(["sample", run_uri, "--cond", str(path), "--out", str(out), "--n", "2",
+                 "--threads", "1"]) == 0
+    meta = storage.read_json(str(out / "samples.json"))
+    assert meta["code_grid"] == [16, 15] and meta["image_size"] == [32, 30]
+    assert meta["condition"]["kind"] == "canny" and meta["condition"]["size"] == [32, 30]
+    with Image.open(out / meta["files"][0]["file"]) as img:
+        assert img.size == (30, 32)
+    with Image.open(out / "condition.png") as img:
+        assert img.size == (30, 32)
+
+    capsys.readouterr()
+    assert main(["sample", run_uri, "--out", str(out)]) == 2
+    assert "give one (--cond MAP.png)" in capsys.readouterr().err
+    Image.fromarray(big[:8, :8], "L").save(tmp_path / "small.png")
+    assert main(["sample", run_uri, "--cond", str(tmp_path / "small.png"), "--out",
+                 str(out)]) == 2
+    assert "smaller than the trained size 16x16" in capsys.readouterr().err
+    Image.fromarray(big, "L").convert("RGB").save(tmp_path / "rgb.png")
+    assert main(["sample", run_uri, "--cond", str(tmp_path / "rgb.png"), "--out",
+                 str(out)]) == 2
+    assert "not a canny map" in capsys.readouterr().err

@@ -10,7 +10,10 @@ then three samplers that share them:
 - :func:`sample_sliding`: an H x W grid larger than the trained h x w window. Position (i, j)
   sees the window placed around it and clamped to the grid, as in the reference's sampling
   scripts: origin (clamp(i - h//2, 0, H-h), clamp(j - w//2, 0, W-w)), the window's codes in
-  raster order up to (i, j), after the condition token.
+  raster order up to (i, j), after the condition token. A model with a condition map
+  (``cond_length`` = h*w) reads, after the token, the condition grid's codes under the same
+  window (the reference's ``scripts/sample_conditional.py``: the condition is cropped where the
+  image window is), so a condition map larger than the trained one gives an image of its size.
 
 Sliding-window caching. A window's keys/values depend on its raster order, so when the window
 moves (even by one column) nothing cached for another placement is valid. But every placement is
@@ -296,11 +299,15 @@ def sample_sliding(
     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
     cfg_scale: float = 1.0, generator: torch.Generator | None = None, seed: int | None = None,
     callback: StepCallback | None = None, max_cached_windows: int | None = None,
-    return_stats: bool = False,
+    return_stats: bool = False, cond_grid: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, SlidingStats]:
     """Sample ``n`` code grids [n, H, W] (int64) of ``grid`` = (H, W) with a model trained on
     ``window`` = (h, w) code grids (h*w <= block_size, H >= h, W >= w), in raster order, each
     position conditioned on the clamped window around it (module docstring).
+
+    ``cond_grid`` [n, H, W]: for a model with a condition map of the window's size
+    (``cond_length`` = h*w), the codes of a condition map of the grid's size; every placement
+    reads the h x w crop of it under its window before its image codes (the placement's prefix).
 
     Other arguments as :func:`sample`. ``max_cached_windows`` bounds the placements whose KV
     caches are kept (least recently used dropped first; default: all of the current window row,
@@ -309,36 +316,69 @@ def sample_sliding(
     A grid equal to the window gives exactly :func:`sample`'s codes for the same seed.
     """
     (big_h, big_w), (h, w) = grid, window
-    if h < 1 or w < 1 or h * w > model.config.block_size:
-        raise ValueError(f"window: h*w must be in [1, block_size={model.config.block_size}], "
-                         f"got {window}")
+    if h < 1 or w < 1 or h * w > model.config.max_codes:
+        raise ValueError(f"window: h*w must be in [1, block_size - cond_length="
+                         f"{model.config.max_codes}], got {window}")
     if big_h < h or big_w < w:
         raise ValueError(f"grid: must be at least the window {window}, got {grid}")
     if max_cached_windows is not None and max_cached_windows < 1:
         raise ValueError(f"max_cached_windows: must be >= 1, got {max_cached_windows}")
-    s = _setup(model, n, cond, cfg_scale, generator, seed)
+    p = model.config.cond_length
+    if p and p != h * w:
+        raise ValueError(f"window: a condition map of {p} codes needs a window of as many codes "
+                         f"(the condition is cropped under it), got {window}")
+    if p and (cond_grid is None or tuple(cond_grid.shape) != (n, big_h, big_w)):
+        raise ValueError(f"cond_grid: the model reads a condition map; give its codes as "
+                         f"[n={n}, {big_h}, {big_w}], got "
+                         f"{None if cond_grid is None else list(cond_grid.shape)}")
+    if not p and cond_grid is not None:
+        raise ValueError("cond_grid: this model has no condition map (cond_length 0)")
+
+    def crop(i_s: int, j_s: int) -> Tensor | None:
+        """The condition codes under the window at (i_s, j_s), [n, h*w] raster order."""
+        if cond_grid is None:
+            return None
+        return cond_grid[:, i_s:i_s + h, j_s:j_s + w].reshape(n, h * w)
+
+    s = _setup(model, n, cond, cfg_scale, generator, seed, crop(0, 0))
     batch = s.tokens.shape[0]
+    tokens_of = {(0, 0): s.tokens}  # per placement: [B', 1+P] prefix (one when P == 0)
     macs = step_macs(model.config, batch)
     with decode_threads(macs):  # kernels for the thread count the one-token steps run with
         decode = one_token_step(model, batch)
     codes = torch.zeros(n, big_h * big_w, dtype=torch.long, device=s.tokens.device)
-    stats = SlidingStats(positions=big_h * big_w, reference_tokens=big_h * big_w * h * w)
+    stats = SlidingStats(positions=big_h * big_w, reference_tokens=big_h * big_w * (p + h * w))
     pool: dict[tuple[int, int], _Placement] = {}  # by window origin, least recent first
     spare: list[KVCache] = []  # caches of dropped placements, reused
 
+    def prefix(i_s: int, j_s: int) -> Tensor:
+        """[B', 1+P]: the condition token, then (P > 0) the condition crop under the window."""
+        if p == 0:
+            return s.tokens
+        key = (i_s, j_s)
+        if key not in tokens_of:
+            base = s.tokens[:, :1]
+            crop_tokens = model.prefix_tokens(None, n, crop(i_s, j_s))[:, 1:]
+            if s.guided:
+                crop_tokens = torch.cat([crop_tokens, crop_tokens])
+            tokens_of[key] = torch.cat([base, crop_tokens], dim=1)
+        return tokens_of[key]
+
     def feed(i_s: int, j_s: int, start: int, stop: int) -> Tensor:
-        """Window sequence positions start..stop-1 -> [B', stop-start] tokens. Position 0 is the
-        condition token, position k >= 1 the window's (k-1)-th code in raster order."""
-        ks = range(max(start, 1), stop)
+        """Window sequence positions start..stop-1 -> [B', stop-start] tokens. Positions
+        0..P are the prefix (condition token, condition crop), position k > P the window's
+        (k-P-1)-th image code in raster order."""
+        pre = prefix(i_s, j_s)
+        ks = range(max(start, p + 1), stop)
         if len(ks) == 1:
-            f = (i_s + (ks[0] - 1) // w) * big_w + j_s + (ks[0] - 1) % w
+            f = (i_s + (ks[0] - p - 1) // w) * big_w + j_s + (ks[0] - p - 1) % w
             part = codes[:, f:f + 1]
         else:
-            flat = [(i_s + (k - 1) // w) * big_w + j_s + (k - 1) % w for k in ks]
+            flat = [(i_s + (k - p - 1) // w) * big_w + j_s + (k - p - 1) % w for k in ks]
             part = codes[:, torch.tensor(flat, dtype=torch.long, device=codes.device)]
         if s.guided:
             part = torch.cat([part, part])
-        return torch.cat([s.tokens, part], dim=1) if start == 0 else part
+        return torch.cat([pre[:, start:], part], dim=1) if start <= p else part
 
     step = 0
     for i in range(big_h):
@@ -348,12 +388,12 @@ def sample_sliding(
         for j in range(big_w):
             _, j_s = sliding_window_origin(i, j, grid, window)
             key = (i_s, j_s)
-            need = (i - i_s) * w + (j - j_s) + 1  # cond token + codes before (i, j)
+            need = (i - i_s) * w + (j - j_s) + 1 + p  # prefix + codes before (i, j)
             placement = pool.pop(key, None)
             if placement is None:
                 if max_cached_windows is not None and len(pool) >= max_cached_windows:
                     spare.append(pool.pop(next(iter(pool))).cache)
-                cache = spare.pop() if spare else model.new_cache(batch, max_len=h * w)
+                cache = spare.pop() if spare else model.new_cache(batch, max_len=p + h * w)
                 placement = _Placement(cache)
                 stats.recomputations += 1
             elif need - placement.filled > 1:

@@ -248,3 +248,38 @@ def test_condition_map_prefix_cached_equals_uncached(cfg_scale):
         sample(model, 3, labels, 13, cond_codes=maps)
     with pytest.raises(ValueError, match="give them"):
         sample(model, 3, labels, 12)
+
+
+def test_conditional_sliding_window_crops_the_condition_under_the_window():
+    """A model with a condition map on a larger grid: each step's logits equal one forward over
+    [class ; the condition crop under the window ; the window's codes], the reference's
+    sample_conditional.py rule; on the trained size it is plain sampling with that map."""
+    model = model_for(block_size=16 + 16, cond_vocab_size=5, cond_length=16)
+    grid, window = (6, 7), (4, 4)
+    labels = torch.tensor([1, 2])
+    maps = torch.randint(0, 5, (2, 6, 7), generator=torch.Generator().manual_seed(2))
+    seen: list[torch.Tensor] = []
+    codes, stats = sample_sliding(model, 2, labels, grid=grid, window=window, seed=0,
+                                  cond_grid=maps, callback=lambda s, x: seen.append(x.clone()),
+                                  return_stats=True)
+    with torch.no_grad():
+        for step, logits in enumerate(seen):
+            i, j = divmod(step, grid[1])
+            i_s, j_s = sliding_window_origin(i, j, grid, window)
+            patch = codes[:, i_s:i_s + 4, j_s:j_s + 4].reshape(2, 16)
+            crop = maps[:, i_s:i_s + 4, j_s:j_s + 4].reshape(2, 16)
+            full, _ = model(torch.cat([model.prefix_tokens(labels, 2, crop), patch[:, :-1]], 1))
+            torch.testing.assert_close(logits, full[:, 16 + (i - i_s) * 4 + (j - j_s)],
+                                       atol=1e-4, rtol=1e-4)
+    assert len(seen) == 42 and stats.recomputations == 4 * 3
+    assert stats.tokens_forwarded < stats.reference_tokens / 3
+    # The trained size: exactly sample() with the map's codes.
+    kw = dict(temperature=1.0, top_k=4, seed=3)
+    small = maps[:, :4, :4]
+    plain = sample(model, 2, labels, 16, cond_codes=small.reshape(2, 16), **kw)
+    same = sample_sliding(model, 2, labels, grid=(4, 4), window=(4, 4), cond_grid=small, **kw)
+    assert torch.equal(same.reshape(2, 16), plain)
+    with pytest.raises(ValueError, match=r"cond_grid: .*\[n=2, 6, 7\]"):
+        sample_sliding(model, 2, labels, grid=grid, window=window)
+    with pytest.raises(ValueError, match="needs a window of as many codes"):
+        sample_sliding(model, 2, labels, grid=grid, window=(2, 2), cond_grid=maps)
