@@ -328,6 +328,7 @@ class SampleOutputs(Record):
     classifier check."""
 
     STAGE: ClassVar[str] = "sample"
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("condition",)
 
     grid_png: str
     samples_dir: str
@@ -344,6 +345,9 @@ class SampleOutputs(Record):
     # FID of the samples against the training images: value, tool, weights sha256, image counts;
     # or {"status": "absent", "reason": ...}. None in manifests from before FID.
     fid: dict[str, Any] | None = None
+    # GPTs that read condition maps: kind, triplets_png (condition | sample | truth rows), maps
+    # (which samples' maps), highres_absent (why there is no high-resolution sample).
+    condition: dict[str, Any] | None = None
 
 
 __all__ = ["Export", "ExportRef", "GPTOutputs", "HighRes", "ManifestError", "Record",

@@ -10,6 +10,12 @@ images; the share it assigns to the class they were generated for is ``classifie
 ``fid`` is the samples' FID against the real training images (:mod:`pipeline.fid`; absent, with
 the reason, when turned off or without Inception weights).
 
+A GPT that reads condition maps (runs with ``shard.condition``, issue #16) samples for the maps
+of the first ``n`` val images instead (``samples/`` one PNG each, ``samples/triplets.png``: rows of
+condition | sample | truth), and its high-resolution samples come from those images' whole maps
+when the shards are larger than the trained size (sliding window, the condition cropped under
+it): ``highres/highres.png`` rows of condition | sample.
+
 The work runs in one Ray task (a GPU when ``use_gpu``), so on a cluster it lands on a worker
 node, not the driver. Outputs are a function of the config and the run's seed: a rerun after a
 crash simply writes them again.
@@ -136,6 +142,8 @@ def sample_task(cfg: SampleConfig, storage: Storage, uri: str, models: Any, data
     torch.set_num_threads(max(1, int(cfg.num_cpus)))
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
     gpt, vqgan = g.load_models(storage, models, device)
+    if models.condition is not None:
+        return conditional_sample_task(cfg, storage, uri, models, data, seed, gpt, vqgan, device)
     n_classes = len(models.classes)
     labels = g.class_labels(cfg.n, range(n_classes)) if n_classes else None
     n = len(labels) if labels is not None else cfg.n
@@ -183,28 +191,129 @@ def sample_task(cfg: SampleConfig, storage: Storage, uri: str, models: Any, data
     return result
 
 
+def condition_examples(storage: Storage, shards: list[str], n: int, size: int, reader: Any
+                       ) -> tuple[Any, Any, Any]:
+    """The first ``n`` samples of ``shards``, center-cropped to ``size`` px: (images [n,3,s,s],
+    their condition maps as the condition VQGAN reads them [n,C,s,s], labels [n])."""
+    import torch
+
+    from pipeline.data.loader import eval_batches
+
+    images = list(eval_batches(storage, shards, n, size, limit=n))
+    maps = list(eval_batches(storage, shards, n, size, limit=n, reader=reader))
+    return (torch.cat([x for x, _ in images]), torch.cat([m for m, _ in maps]),
+            torch.cat([y for _, y in images]))
+
+
+def conditional_sample_task(cfg: SampleConfig, storage: Storage, uri: str, models: Any,
+                            data: dict[str, Any], seed: int, gpt: Any, vqgan: Any,
+                            device: str) -> SampleOutputs:
+    """The sample stage of a GPT that reads condition maps (module docstring)."""
+    import torch
+
+    from pipeline import generate as g
+    from pipeline.metrics import grid, png_bytes, to_uint8, upscale
+
+    reader = g.condition_input(models)
+    cond_vqgan = g.load_cond_vqgan(storage, models, device)
+    factor = vqgan.config.downsample_factor
+    size = models.grid[0] * factor
+    split = "val" if data["val"] else "train"
+    n_classes = len(models.classes)
+
+    def encode(maps: Any) -> Any:
+        with torch.inference_mode():
+            return cond_vqgan.encode(maps.to(device)).indices.cpu()
+
+    def rows(*columns: Any) -> bytes:  # [n,3,H,W] each -> one PNG, a row per sample
+        pixels = to_uint8(torch.stack(columns, 1).flatten(0, 1))
+        return png_bytes(upscale(grid(pixels, cols=len(columns)),
+                                 g.display_factor(pixels.shape[1])))
+
+    images, maps, labels = condition_examples(storage, data[split], cfg.n, size, reader)
+    n = len(images)
+    lab = labels.clamp(min=0) if n_classes else None
+    out = g.generate(gpt, vqgan, n, lab, models.grid, options=cfg.options(), seed=seed,
+                     batch_size=cfg.batch_size, progress=cfg.progress, cond_grids=encode(maps))
+    names = [f"sample-{i:03d}.png" for i in range(n)]
+    _, grid_uri = g.write_pngs(storage, join(uri, "samples"), out.images, names,
+                               cols=min(n, 10))
+    triplets = join(uri, "samples", "triplets.png")
+    storage.write_bytes(triplets, rows(reader.preview(maps), out.images, images))
+    index = [{"file": name, "class": int(k) if lab is not None else None, "condition_of":
+              f"{split} sample {i}"} for i, (name, k) in enumerate(zip(names, labels.tolist()))]
+
+    highres, why = None, None
+    big = data["resolution"] // factor * factor
+    if not cfg.highres_n:
+        why = "sample.highres_n is 0"
+    elif big <= size:
+        why = (f"the shards' maps ({data['resolution']} px) are not larger than the trained "
+               f"size ({size} px): shard at a larger resolution for high-resolution samples")
+    else:
+        k = min(cfg.highres_n, n)
+        _, full, _ = condition_examples(storage, data[split], k, big, reader)
+        hgrid = (big // factor, big // factor)
+        hr = g.generate(gpt, vqgan, k, lab[:k] if lab is not None else None, models.grid, hgrid,
+                        options=cfg.options(), seed=derive(seed, "highres"),
+                        batch_size=cfg.batch_size, cond_grids=encode(full))
+        hnames = [f"highres-{i:02d}.png" for i in range(k)]
+        g.write_pngs(storage, join(uri, "highres"), hr.images, hnames, cols=1)
+        stacked = join(uri, "highres", "highres.png")
+        storage.write_bytes(stacked, rows(reader.preview(full), hr.images))
+        highres = HighRes(
+            png=stacked, files=[join(uri, "highres", h) for h in hnames], code_grid=hgrid,
+            image_size=tuple(hr.images.shape[-2:]),
+            classes=lab[:k].tolist() if lab is not None else None,
+            seconds=round(hr.seconds, 3), tokens_per_s=round(hr.tokens_per_s, 1))
+    if why:
+        log.info("[sample] no high-resolution samples: %s", why)
+
+    classifier = None
+    if cfg.classifier and n_classes >= 2:
+        classifier = check_with_classifier(
+            storage, data["train"], data["val"], size, cfg.classifier_images, n_classes,
+            out.images, lab, seed)
+    fid = sample_fid(cfg.fid, storage, out.images, data["train"], device)
+    result = SampleOutputs(
+        grid_png=grid_uri, samples_dir=join(uri, "samples"), n=n, n_per_class=None,
+        classes=models.classes, code_grid=models.grid, image_size=tuple(out.images.shape[-2:]),
+        sampling_seconds=round(out.seconds, 3), tokens_per_s=round(out.tokens_per_s, 1),
+        options=cfg.options().to_dict(), highres=highres, classifier=classifier, fid=fid,
+        condition={"kind": reader.kind, "triplets_png": triplets, "maps": f"the first {n} "
+                   f"{split} samples", **({"highres_absent": why} if why else {})})
+    storage.write_json(join(uri, "samples.json"), {**result.to_dict(), "files": index})
+    return result
+
+
 # -- driver side -----------------------------------------------------------------------------------
 
 
 def run(ctx: StageContext) -> SampleOutputs:
-    import ray
-
     from pipeline.generate import run_models
 
     cfg: SampleConfig = ctx.cfg
     gpt = ctx.inputs["train_transformer"]
     models = run_models(ctx.storage, gpt, gpt["uri"])
     shard: ShardOutputs = ctx.input("shard")
-    data = {split: shard.uris(split) for split in ("train", "val")}
-    task = ray.remote(sample_task).options(num_cpus=cfg.num_cpus,
-                                           num_gpus=1 if cfg.use_gpu else 0)
+    data: dict[str, Any] = {split: shard.uris(split) for split in ("train", "val")}
+    data["resolution"] = shard.resolution
     t0 = time.perf_counter()
-    result = ray.get(task.remote(cfg, ctx.storage, ctx.uri, models, data, ctx.root_cfg.seed))
+    args = (cfg, ctx.storage, ctx.uri, models, data, ctx.root_cfg.seed)
+    if ctx.local:  # a run without Ray: in this process
+        result = sample_task(*args)
+    else:
+        import ray
+
+        task = ray.remote(sample_task).options(num_cpus=cfg.num_cpus,
+                                               num_gpus=1 if cfg.use_gpu else 0)
+        result = ray.get(task.remote(*args))
     log.info("[sample] %d samples in %.1fs (%.0f codes/s)%s", result.n,
              time.perf_counter() - t0, result.tokens_per_s,
              f"; classifier accuracy {result.classifier['accuracy']:.1%}"
              if result.classifier else "")
-    images = {"samples": result.grid_png}
+    images = {"samples": result.condition["triplets_png"] if result.condition
+              else result.grid_png}
     if result.highres:
         images["highres"] = result.highres.png
     ctx.tracker.log_images({k: _local_copy(ctx.storage, v) for k, v in images.items()})
@@ -227,14 +336,21 @@ def _local_copy(storage: Storage, uri: str) -> Any:
 
 def report(outputs: SampleOutputs) -> dict[str, Any]:
     """The report's section: the sample grid, the high-resolution sample, the classifier."""
+    cond = outputs.condition
     images = [("Samples per class" if outputs.classes else "Samples", outputs.grid_png)]
+    if cond:
+        images = [(f"Condition | sample | truth ({cond['kind']} maps of {cond['maps']})",
+                   cond["triplets_png"])]
     metrics: dict[str, Any] = {"samples": outputs.n,
                                "codes/s (sampling + decoding)": outputs.tokens_per_s}
     hr = outputs.highres
     if hr:
         h, w = hr.image_size
         images.append((f"High resolution: {h}x{w} px from a {hr.code_grid[0]}x"
-                       f"{hr.code_grid[1]} code grid (sliding window)", hr.png))
+                       f"{hr.code_grid[1]} code grid (sliding window)"
+                       + (", condition | sample" if cond else ""), hr.png))
+    elif cond and cond.get("highres_absent"):
+        metrics["high resolution"] = f"absent: {cond['highres_absent']}"
     clf = outputs.classifier
     if clf:
         metrics["classifier accuracy on samples"] = f"{clf['accuracy']:.1%}"

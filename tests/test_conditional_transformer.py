@@ -7,7 +7,9 @@ carries the edge maps' codes, equal to the condition VQGAN's encoding of the cen
 codes ; image codes], learns the image codes only, and its val loss is lower with each sample's
 own map than with another sample's map (it uses the condition); the sample grid shows condition
 | sample | truth rows; `use_condition: false` trains an unconditional GPT on the same codes; an
-unconditional run's tokenize and train_transformer keep their fingerprints and outputs format.
+unconditional run's fingerprints are those of a pipeline without the branch. Sampling: the
+sample stage draws for val maps (condition | sample | truth rows) and, from the whole 32 px maps
+(4x the trained area), high-resolution samples; `sample RUN --cond MAP.png` for a user's map.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from tests.test_train_vqgan import TINY as TINY_VQGAN
 RES = 16
 TINY = [*[o for o in TINY_VQGAN if not o.startswith(("train_vqgan.num_workers",
                                                        "train_vqgan.zero_stage"))],
-        "shard.condition.kind=canny", "shard.samples_per_shard=128",
+        "shard.condition.kind=canny", "shard.samples_per_shard=128", "shard.resolution=32",
         "train_vqgan.steps=40", "train_vqgan.checkpoint_every=40", "train_vqgan.eval_images=16",
         *[f"train_cond_vqgan.{o}" for o in (
             "model.resolution=16", "model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1",
@@ -50,8 +52,9 @@ TINY = [*[o for o in TINY_VQGAN if not o.startswith(("train_vqgan.num_workers",
         "train_transformer.schedule=constant", "train_transformer.steps=300",
         "train_transformer.checkpoint_every=300", "train_transformer.log_every=50",
         "train_transformer.image_every=300", "train_transformer.eval_samples=200",
-        "train_transformer.samples_per_class=1", "train_transformer.conditional=false"]
-PIPE = Pipeline([s for s in STAGES if s.name != "sample"])
+        "train_transformer.samples_per_class=1", "train_transformer.conditional=false",
+        "sample.n=4", "sample.highres_n=1"]
+PIPE = Pipeline(STAGES)
 
 
 def _cfg(root, *extra: str):
@@ -93,6 +96,7 @@ def test_tokenize_stores_the_condition_codes(run):
     assert spec.uri.endswith(image_shard["name"]) and spec.cond and spec.cond_grid == (8, 8)
     shard = codes.load_code_shard(storage, spec)
     maps, _ = next(loader.eval_batches(storage, [image_shard["uri"]], 32, RES, reader=reader))
+    assert maps.shape == (32, 1, RES, RES)  # center crops of the 32 px maps
     with torch.inference_mode():
         want = cond_vq.encode(maps).indices.numpy()
         want_flip = cond_vq.encode(maps.flip(3)).indices.numpy()
@@ -200,9 +204,8 @@ def test_sample_cli_from_a_users_condition_map(run, tmp_path, capsys):
     # This GPT by its folder: the run folder's latest is the use_condition=false one.
     run_uri = run["manifests"]["train_transformer"]["uri"]
     first = run["manifests"]["shard"]["outputs"]["shards"][-1]["uri"]
-    maps = [np.asarray(Image.open(io.BytesIO(s[COND])))
-            for _, s in zip(range(4), iter_samples(storage, first))]
-    big = np.block([[maps[0], maps[1]], [maps[2], maps[3]]])  # 32x32 edges of 4 digits
+    big = np.asarray(Image.open(io.BytesIO(next(iter_samples(storage, first))[COND])))
+    assert big.shape == (32, 32)  # a stored map: 4x the trained area
     path = tmp_path / "edges.png"
     Image.fromarray(big[:, :31], "L").save(path)  # 31 px wide: center-cropped to 30 (factor 2)
     out = tmp_path / "out"
@@ -227,3 +230,22 @@ def test_sample_cli_from_a_users_condition_map(run, tmp_path, capsys):
     assert main(["sample", run_uri, "--cond", str(tmp_path / "rgb.png"), "--out",
                  str(out)]) == 2
     assert "not a canny map" in capsys.readouterr().err
+
+
+def test_sample_stage_draws_for_val_maps(run):
+    storage = Storage()
+    out = run["manifests"]["sample"]["outputs"]
+    cond = out["condition"]
+    assert cond["kind"] == "canny" and cond["maps"] == "the first 4 val samples"
+    assert out["n"] == 4 and out["image_size"] == [RES, RES] and "highres_absent" not in cond
+    from PIL import Image
+
+    with Image.open(storage.open(cond["triplets_png"], "rb")) as img:  # 4 rows of 3 cells
+        assert img.size == (4 * (3 * (RES + 2) + 2), 4 * (4 * (RES + 2) + 2))
+    hr = out["highres"]
+    assert hr["code_grid"] == [16, 16] and hr["image_size"] == [32, 32]
+    with Image.open(storage.open(hr["files"][0], "rb")) as img:
+        assert img.size == (32, 32)
+    meta = storage.read_json(f"{run['manifests']['sample']['uri']}/samples.json")
+    assert meta["files"][0] == {"file": "sample-000.png", "class": None,
+                                "condition_of": "val sample 0"}
