@@ -24,7 +24,7 @@ PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 # Reinstall when pyproject.toml, the constraints file or the torch pin changes.
 STAMP := $(VENV)/.installed-$(shell (echo '$(TORCH_PIN) $(NODEPS_PINS)'; cat pyproject.toml $(CONSTRAINTS) 2>/dev/null) | sha256sum | cut -c1-12)
 
-.PHONY: install demo test lint clean lock
+.PHONY: install demo edges test lint clean lock
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,10 @@ lock:
 ## make demo: run the whole pipeline on the embedded default config (local Ray, ./runs)
 demo: install
 	$(PY) -m pipeline run configs/tiny.yaml $(ARGS)
+
+## make edges: conditional synthesis (Canny edges of the digits -> digits) end to end
+edges: install
+	$(PY) -m pipeline run configs/edges.yaml $(ARGS)
 
 ## make test: the test suite (real local Ray, moto S3 server, W&B offline)
 test: install

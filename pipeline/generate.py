@@ -176,33 +176,41 @@ def load_cond_vqgan(storage: Storage, models: RunModels, device: str = "cpu") ->
 
 
 def condition_input(models: RunModels) -> Any:
-    """How the run's condition VQGAN reads a map (:class:`ConditionInput`)."""
-    from pipeline.data.conditions import ConditionInput
+    """How the run's condition VQGAN reads a map (:func:`pipeline.data.conditions.
+    condition_input`: a ConditionInput, or a LowResInput for ``downsample:N``)."""
+    from pipeline.data.conditions import condition_input as reader_of
 
     assert models.condition is not None
-    return ConditionInput(models.condition["kind"], int(models.condition.get("classes") or 0))
+    return reader_of(models.condition["kind"], int(models.condition.get("classes") or 0))
 
 
 def encode_condition(cond_vqgan: Any, reader: Any, data: bytes, name: str,
                      window: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """A user's condition map (PNG bytes, stored as the shard stage stores ``kind``: label ids
-    in an L PNG, 16-bit depth, 8-bit edges or gray) → (its codes [1, H, W] under the condition
-    VQGAN, the map's model input [1, C, H·f, W·f]), center-cropped to a multiple of the VQGAN's
-    factor ``f``. ValueError naming ``name`` when it is not such a map or is smaller than the
-    trained size (``window`` codes)."""
-    from pipeline.data.conditions import condition_array
+    in an L PNG, 16-bit depth, 8-bit edges or gray, a low-resolution RGB image for
+    ``downsample:N``) → (its codes [1, H, W] under the condition VQGAN, the map's model input
+    [1, C, H·f, W·f]), center-cropped so that the model input is a multiple of the VQGAN's
+    factor ``f`` (a ``downsample:N`` image is enlarged N times first: super-resolution).
+    ValueError naming ``name`` when it is not such a map or is smaller than the trained size
+    (``window`` codes)."""
+    import math
+
+    from pipeline.data.conditions import COND
 
     factor = cond_vqgan.config.downsample_factor
+    scale = getattr(reader, "scale", 1)
     try:
-        arr = condition_array(data, reader.kind)
+        hwc = reader.array({COND: data, "__key__": name})
     except (ValueError, OSError) as e:
         raise ValueError(f"{name}: not a {reader.kind} map ({e})") from e
-    hwc = arr[..., None] if arr.ndim == 2 else arr.transpose(1, 2, 0)
-    h, w = hwc.shape[0] // factor * factor, hwc.shape[1] // factor * factor
+    step = factor // math.gcd(factor, scale)  # map pixels per whole code
+    h, w = hwc.shape[0] // step * step, hwc.shape[1] // step * step
     try:
-        grid = code_grid((h, w), factor, window)
+        grid = code_grid((h * scale, w * scale), factor, window)
     except ValueError as e:
-        raise ValueError(f"{name}: {hwc.shape[0]}x{hwc.shape[1]} px map: {e}") from e
+        raise ValueError(f"{name}: {hwc.shape[0]}x{hwc.shape[1]} px map"
+                         + (f" (x{scale}: {hwc.shape[0] * scale}x{hwc.shape[1] * scale} px)"
+                            if scale > 1 else "") + f": {e}") from e
     top, left = (hwc.shape[0] - h) // 2, (hwc.shape[1] - w) // 2
     try:
         x = reader.tensor(hwc[top:top + h, left:left + w]).unsqueeze(0)

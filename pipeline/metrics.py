@@ -54,6 +54,37 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
     return (num / den).flatten(1).mean(1)
 
 
+def edge_f1(true_edges: torch.Tensor, images: torch.Tensor, sigma: float,
+            tolerance: int = 1) -> dict[str, float]:
+    """How well ``images`` [B, 3, H, W] follow the edge maps ``true_edges`` [B, 1, H, W] (in
+    [-1, 1]: edge > 0, as the condition VQGAN reads stored Canny maps): the images' own Canny
+    edges (:func:`pipeline.data.conditions.canny_edges`, the shard stage's detector at its
+    ``sigma``, on their luma) against the maps, an edge pixel matching when the other map has
+    one within ``tolerance`` px (Chebyshev). Counts are pooled over the batch: precision =
+    matched image edges / image edges, recall = matched map edges / map edges, F1 their harmonic
+    mean (0 when either has no edges)."""
+    from pipeline.data.conditions import canny_edges
+
+    if true_edges.shape[0] != images.shape[0] or true_edges.shape[-2:] != images.shape[-2:]:
+        raise ValueError(f"edge_f1: maps {list(true_edges.shape)} and images "
+                         f"{list(images.shape)} differ in count or size")
+    gray = to_unit(images).mul(torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)
+    gray8 = (gray * 255.0).round().to(torch.uint8).numpy()
+    found = torch.from_numpy(np.stack([canny_edges(g, sigma) > 0 for g in gray8])).float()
+    truth = (true_edges[:, 0] > 0).float().cpu()
+    k = 2 * tolerance + 1
+
+    def near(edges: torch.Tensor) -> torch.Tensor:  # within `tolerance` px of an edge
+        return F.max_pool2d(edges[:, None], k, stride=1, padding=tolerance)[:, 0]
+
+    hits_found = float((found * near(truth)).sum())
+    hits_truth = float((truth * near(found)).sum())
+    precision = hits_found / max(float(found.sum()), 1.0)
+    recall = hits_truth / max(float(truth.sum()), 1.0)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"f1": f1, "precision": precision, "recall": recall, "images": int(images.shape[0])}
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[B, 3, H, W] in [-1, 1] → [B, H, W, 3] uint8."""
     return (to_unit(x) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -132,7 +132,7 @@ def sample_fid(cfg: FIDConfig, storage: Storage, images: Any, train: list[str],
 
 
 def sample_task(cfg: SampleConfig, storage: Storage, uri: str, models: Any, data: dict[str, Any],
-                seed: int) -> SampleOutputs:
+                seed: int, baseline: Any = None) -> SampleOutputs:
     """Everything the stage computes; runs in a Ray task (or inline)."""
     import torch
 
@@ -143,7 +143,8 @@ def sample_task(cfg: SampleConfig, storage: Storage, uri: str, models: Any, data
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
     gpt, vqgan = g.load_models(storage, models, device)
     if models.condition is not None:
-        return conditional_sample_task(cfg, storage, uri, models, data, seed, gpt, vqgan, device)
+        return conditional_sample_task(cfg, storage, uri, models, data, seed, gpt, vqgan, device,
+                                       baseline)
     n_classes = len(models.classes)
     labels = g.class_labels(cfg.n, range(n_classes)) if n_classes else None
     n = len(labels) if labels is not None else cfg.n
@@ -205,14 +206,40 @@ def condition_examples(storage: Storage, shards: list[str], n: int, size: int, r
             torch.cat([y for _, y in images]))
 
 
+def follows_condition(kind: str, shard_condition: dict[str, Any] | None, maps: Any,
+                      samples: Any, truth: Any) -> dict[str, Any] | None:
+    """How well ``samples`` follow their edge ``maps`` (``canny`` runs; None otherwise): edge
+    F1 (:func:`pipeline.metrics.edge_f1`) of the samples, and beside it of the real images
+    (``truth``, the ceiling: their edges are the maps, up to the crop's border) and of the same
+    samples against another sample's map (``other_maps``, chance: images that ignore this map
+    but are otherwise alike)."""
+    from pipeline.metrics import edge_f1
+
+    if kind != "canny" or not shard_condition or len(maps) < 2:
+        return None
+    sigma = float(shard_condition["sigma"])
+    return {"samples": edge_f1(maps, samples, sigma), "real_images": edge_f1(maps, truth, sigma),
+            "other_maps": edge_f1(maps.roll(1, 0), samples, sigma), "sigma": sigma,
+            "tolerance_px": 1}
+
+
+def mosaics(maps: Any) -> Any:
+    """[4k, C, s, s] maps -> [k, C, 2s, 2s]: each four in turn tiled 2 x 2 (row-major)."""
+    k, c, h, w = maps.shape[0] // 4, *maps.shape[1:]
+    tiles = maps[:4 * k].reshape(k, 2, 2, c, h, w)  # [k, row, col, C, h, w]
+    return tiles.permute(0, 3, 1, 4, 2, 5).reshape(k, c, 2 * h, 2 * w)
+
+
 def conditional_sample_task(cfg: SampleConfig, storage: Storage, uri: str, models: Any,
                             data: dict[str, Any], seed: int, gpt: Any, vqgan: Any,
-                            device: str) -> SampleOutputs:
-    """The sample stage of a GPT that reads condition maps (module docstring)."""
+                            device: str, baseline: Any = None) -> SampleOutputs:
+    """The sample stage of a GPT that reads condition maps (module docstring); ``baseline``:
+    the models of train_baseline_transformer (the same data without maps), whose samples are
+    scored against the same maps."""
     import torch
 
     from pipeline import generate as g
-    from pipeline.metrics import grid, png_bytes, to_uint8, upscale
+    from pipeline.metrics import edge_f1, grid, png_bytes, to_uint8, upscale
 
     reader = g.condition_input(models)
     cond_vqgan = g.load_cond_vqgan(storage, models, device)
@@ -243,16 +270,20 @@ def conditional_sample_task(cfg: SampleConfig, storage: Storage, uri: str, model
     index = [{"file": name, "class": int(k) if lab is not None else None, "condition_of":
               f"{split} sample {i}"} for i, (name, k) in enumerate(zip(names, labels.tolist()))]
 
-    highres, why = None, None
+    highres, why, source = None, None, None
     big = data["resolution"] // factor * factor
+    k = min(cfg.highres_n, n if big > size else n // 4)
     if not cfg.highres_n:
         why = "sample.highres_n is 0"
-    elif big <= size:
-        why = (f"the shards' maps ({data['resolution']} px) are not larger than the trained "
-               f"size ({size} px): shard at a larger resolution for high-resolution samples")
+    elif k == 0:
+        why = f"2x2 mosaics of the maps need sample.n >= 4, got {n}"
     else:
-        k = min(cfg.highres_n, n)
-        _, full, _ = condition_examples(storage, data[split], k, big, reader)
+        if big > size:  # the shards are larger than the trained crops: their whole maps
+            _, full, _ = condition_examples(storage, data[split], k, big, reader)
+            source = f"the whole {big} px maps of the first {k} {split} samples"
+        else:  # as large as the crops: 2x2 mosaics of the maps (4x the trained area)
+            full, big = mosaics(maps[:4 * k]), 2 * size
+            source = f"2x2 mosaics of the first {4 * k} {split} maps"
         hgrid = (big // factor, big // factor)
         hr = g.generate(gpt, vqgan, k, lab[:k] if lab is not None else None, models.grid, hgrid,
                         options=cfg.options(), seed=derive(seed, "highres"),
@@ -268,6 +299,16 @@ def conditional_sample_task(cfg: SampleConfig, storage: Storage, uri: str, model
             seconds=round(hr.seconds, 3), tokens_per_s=round(hr.tokens_per_s, 1))
     if why:
         log.info("[sample] no high-resolution samples: %s", why)
+    follows = follows_condition(reader.kind, data.get("condition"), maps, out.images, images)
+    unconditional = None
+    if baseline is not None:
+        base_gpt, base_vqgan = g.load_models(storage, baseline, device)
+        base = g.generate(base_gpt, base_vqgan, n, lab, baseline.grid, options=cfg.options(),
+                          seed=derive(seed, "baseline"), batch_size=cfg.batch_size)
+        unconditional = join(uri, "samples", "unconditional.png")
+        storage.write_bytes(unconditional, rows(reader.preview(maps), base.images))
+        if follows is not None:
+            follows["unconditional_model"] = edge_f1(maps, base.images, follows["sigma"])
 
     classifier = None
     if cfg.classifier and n_classes >= 2:
@@ -280,8 +321,13 @@ def conditional_sample_task(cfg: SampleConfig, storage: Storage, uri: str, model
         classes=models.classes, code_grid=models.grid, image_size=tuple(out.images.shape[-2:]),
         sampling_seconds=round(out.seconds, 3), tokens_per_s=round(out.tokens_per_s, 1),
         options=cfg.options().to_dict(), highres=highres, classifier=classifier, fid=fid,
-        condition={"kind": reader.kind, "triplets_png": triplets, "maps": f"the first {n} "
-                   f"{split} samples", **({"highres_absent": why} if why else {})})
+        condition={"kind": models.condition["kind"], "triplets_png": triplets,
+                   "maps": f"the first {n} {split} samples",
+                   **({"highres_absent": why} if why else {}),
+                   **({"highres_maps": source} if source else {}),
+                   **({"edge_f1": follows} if follows else {}),
+                   **({"unconditional_png": unconditional,
+                       "baseline": baseline.transformer_uri} if baseline else {})})
     storage.write_json(join(uri, "samples.json"), {**result.to_dict(), "files": index})
     return result
 
@@ -298,8 +344,13 @@ def run(ctx: StageContext) -> SampleOutputs:
     shard: ShardOutputs = ctx.input("shard")
     data: dict[str, Any] = {split: shard.uris(split) for split in ("train", "val")}
     data["resolution"] = shard.resolution
+    data["condition"] = shard.condition.to_dict() if shard.condition else None
     t0 = time.perf_counter()
-    args = (cfg, ctx.storage, ctx.uri, models, data, ctx.root_cfg.seed)
+    baseline = None
+    if ctx.has_input(BASELINE):  # the same data without maps: scored against the same maps
+        m = ctx.inputs[BASELINE]
+        baseline = run_models(ctx.storage, m, m["uri"])
+    args = (cfg, ctx.storage, ctx.uri, models, data, ctx.root_cfg.seed, baseline)
     if ctx.local:  # a run without Ray: in this process
         result = sample_task(*args)
     else:
@@ -348,9 +399,21 @@ def report(outputs: SampleOutputs) -> dict[str, Any]:
         h, w = hr.image_size
         images.append((f"High resolution: {h}x{w} px from a {hr.code_grid[0]}x"
                        f"{hr.code_grid[1]} code grid (sliding window)"
-                       + (", condition | sample" if cond else ""), hr.png))
+                       + (f", condition | sample, from {cond['highres_maps']}"
+                          if cond and cond.get("highres_maps") else ""), hr.png))
     elif cond and cond.get("highres_absent"):
         metrics["high resolution"] = f"absent: {cond['highres_absent']}"
+    f1 = (cond or {}).get("edge_f1")
+    if f1:
+        metrics["edge F1: samples vs their maps"] = f"{f1['samples']['f1']:.3f}"
+        metrics["edge F1: real images vs their maps"] = f"{f1['real_images']['f1']:.3f}"
+        metrics["edge F1: samples vs other maps (chance)"] = f"{f1['other_maps']['f1']:.3f}"
+        if "unconditional_model" in f1:
+            metrics["edge F1: unconditional model's samples vs the maps"] = \
+                f"{f1['unconditional_model']['f1']:.3f}"
+    if cond and cond.get("unconditional_png"):
+        images.append(("The unconditional baseline's samples beside the maps (condition | "
+                       "sample)", cond["unconditional_png"]))
     clf = outputs.classifier
     if clf:
         metrics["classifier accuracy on samples"] = f"{clf['accuracy']:.1%}"
@@ -365,6 +428,7 @@ def report(outputs: SampleOutputs) -> dict[str, Any]:
     return {"images": images, "metrics": metrics}
 
 
-STAGE = Stage("sample", SampleConfig, run, upstream=("shard", "train_transformer"), version=1,
-              report=report, outputs=SampleOutputs,
+BASELINE = "train_baseline_transformer"
+STAGE = Stage("sample", SampleConfig, run, upstream=("shard", "train_transformer", BASELINE),
+              optional_upstream=(BASELINE,), version=1, report=report, outputs=SampleOutputs,
               help="samples per class, high-resolution sliding-window samples, classifier check")

@@ -172,7 +172,7 @@ class CondOptions:
     reads (``kind``, ``classes``: :class:`pipeline.data.conditions.ConditionInput`), its code
     grid, codebook and weights."""
 
-    kind: str
+    kind: str  # a base kind, or downsample:N
     classes: int
     grid: tuple[int, int]
     n_embed: int
@@ -180,9 +180,9 @@ class CondOptions:
     vqgan_sha256: str
 
     def reader(self) -> Any:
-        from pipeline.data.conditions import ConditionInput
+        from pipeline.data.conditions import condition_input
 
-        return ConditionInput(self.kind, self.classes)
+        return condition_input(self.kind, self.classes)
 
     def view(self) -> dict[str, Any]:
         return {"kind": self.kind, "classes": self.classes, "grid": list(self.grid),
@@ -234,7 +234,7 @@ def decoded_batches(storage: Storage, uri: str, resolution: int, batch_size: int
     At the end, ``read`` holds the sample count and the sha256 of the shard's bytes."""
     import torch
 
-    from pipeline.data.loader import IMAGES, augment
+    from pipeline.data.loader import IMAGES, augment, crop_size
 
     read = read if read is not None else SourceRead()
     readers = [IMAGES] + ([cond_reader] if cond_reader is not None else [])
@@ -251,8 +251,9 @@ def decoded_batches(storage: Storage, uri: str, resolution: int, batch_size: int
         for key, group in wds.iter_tar_groups(stream, uri):
             group["__key__"], group["__url__"] = key, uri  # named in a reader's errors
             for reader, out in zip(readers, tensors):
-                arr = augment(reader.array(group), resolution, np.random.default_rng(0),
-                              flip=False, random_crop=False)  # a center crop draws nothing
+                arr = augment(reader.array(group), crop_size(reader, resolution),
+                              np.random.default_rng(0), flip=False,
+                              random_crop=False)  # a center crop draws nothing
                 out.append(reader.tensor(arr))
             keys.append(key)
             labels.append(group.get(codes.LABEL))
@@ -397,7 +398,10 @@ class ShardTokenizer:
         self.storage, self.opts = storage, opts
         device = "cuda" if use_gpu else "cpu"
         self.model = load_encoder(storage, export, device)
-        self.cond_model = load_encoder(storage, cond_export, device) if cond_export else None
+        self.cond_model = None
+        if cond_export is not None:  # downsample:N maps: the image VQGAN encodes them too
+            self.cond_model = (self.model if cond_export.weights_sha256 == export.weights_sha256
+                               else load_encoder(storage, cond_export, device))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         fields = ("index", "split", "name", "uri", "part_uri", "source", "source_samples",
@@ -609,6 +613,9 @@ def run(ctx: StageContext) -> TokenizeOutputs:
     cond_export = cond_options = None
     if ctx.has_input("train_cond_vqgan"):
         cond_export, cond_options = condition_encoder(ctx, resolution)
+    elif shard.condition is not None and shard.condition.kind == "downsample":
+        cond_export, cond_options = lowres_encoder(export, shard.condition.factor, grid,
+                                                   codes.code_dtype(n_embed).name)
     opts = Options(resolution=resolution, grid=grid, n_embed=n_embed,
                    dtype=codes.code_dtype(n_embed).name, flip=cfg.store_flipped,
                    batch_size=cfg.batch_size, vqgan_sha256=export.weights_sha256,
@@ -660,6 +667,17 @@ def condition_encoder(ctx: StageContext, resolution: int) -> tuple[ExportInfo, C
                                grid=(side, side), n_embed=n_embed,
                                dtype=codes.code_dtype(n_embed).name,
                                vqgan_sha256=export.weights_sha256)
+
+
+def lowres_encoder(export: ExportInfo, factor: int | None, grid: tuple[int, int],
+                   dtype: str) -> tuple[ExportInfo, CondOptions]:
+    """The image VQGAN as the encoder of ``downsample:N`` maps (super-resolution): they are
+    enlarged back to the crop's size and encoded on the image's grid, in its codebook."""
+    if not factor:
+        raise ValueError("the shard manifest's downsample condition records no factor")
+    n_embed = int(export.model["n_embed"])
+    return export, CondOptions(kind=f"downsample:{factor}", classes=0, grid=grid,
+                               n_embed=n_embed, dtype=dtype, vqgan_sha256=export.weights_sha256)
 
 
 def export_ref(export: ExportInfo) -> ExportRef:

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pipeline.config import ConfigError, no_fingerprint
+from pipeline.config import ConfigError, fingerprint_unless_default, no_fingerprint
 from pipeline.dag import Stage, StageContext
 from pipeline.manifests import Export, GPTOutputs, ShardOutputs, TokenizeOutputs, VQGANOutputs
 from pipeline.seeds import derive
@@ -52,7 +52,7 @@ class TrainTransformerConfig(TrainConfig):
     conditional: bool = True  # class-conditional when the shards have labels
     # Read the condition maps' codes before the image's, when tokenize stored them (runs with
     # shard.condition); false: the transformer ignores them (an unconditional baseline).
-    use_condition: bool = True
+    use_condition: bool = fingerprint_unless_default(default=True)  # existing runs keep theirs
     cond_drop: float = 0.1  # class dropout: enables classifier-free guidance at sampling
     activation_checkpointing: bool = False
     RENAMED: ClassVar[dict[str, str]] = {"flip": "use_flipped"}
@@ -213,12 +213,12 @@ def condition_preview(cond_vqgan: Any, cond: dict[str, Any], codes: Any, size: A
     in [-1, 1] (label maps in their palette colours), at the images' ``size``."""
     import torch
 
-    from pipeline.data.conditions import ConditionInput
+    from pipeline.data.conditions import condition_input
 
     hc, wc = cond["grid"]
     with torch.no_grad():
         maps = cond_vqgan.decode_indices(codes.view(-1, hc, wc).long()).float()
-    rgb = ConditionInput(cond["kind"], cond["classes"]).preview(maps).cpu()
+    rgb = condition_input(cond["kind"], cond["classes"]).preview(maps).cpu()
     if tuple(rgb.shape[-2:]) != tuple(size):
         rgb = torch.nn.functional.interpolate(rgb, size=tuple(size), mode="nearest")
     return rgb
@@ -371,8 +371,10 @@ def unigram_entropy(histogram: list[int]) -> float:
     return -sum(c / total * math.log(c / total) for c in histogram if c)
 
 
-def data_spec(ctx: StageContext) -> dict[str, Any]:
-    """What the workers need, from upstream manifests only; code shards are validated here."""
+def data_spec(ctx: StageContext, cfg: TrainTransformerConfig | None = None) -> dict[str, Any]:
+    """What the workers need, from upstream manifests only; code shards are validated here.
+    ``cfg``: the stage's training config (default: its section)."""
+    cfg = cfg or ctx.cfg
     from pipeline.data.codes import iter_code_samples, shard_specs
 
     tok: TokenizeOutputs = ctx.input("tokenize")
@@ -382,7 +384,7 @@ def data_spec(ctx: StageContext) -> dict[str, Any]:
         for _ in iter_code_samples(ctx.storage, spec):
             pass
     h, w = tok.grid
-    n_classes = shard.num_classes if ctx.cfg.conditional else 0
+    n_classes = shard.num_classes if cfg.conditional else 0
     data = {
         "train": tok.uris("train"), "val": tok.uris("val"),
         "n_embed": tok.n_embed, "grid": [h, w], "length": h * w,
@@ -391,12 +393,12 @@ def data_spec(ctx: StageContext) -> dict[str, Any]:
         "cond": None,
     }
     c = tok.condition
-    if c is not None and ctx.cfg.use_condition:
+    if c is not None and cfg.use_condition:
         hc, wc = c.grid
         data["cond"] = {
             "kind": c.kind, "classes": c.classes, "n_embed": c.n_embed, "grid": [hc, wc],
             "length": hc * wc, "vqgan": {"weights": c.vqgan.weights, "config": c.vqgan.config},
-            "examples": preview_examples(ctx.storage, tok, ctx.cfg.samples_per_class * 2,
+            "examples": preview_examples(ctx.storage, tok, cfg.samples_per_class * 2,
                                          n_classes)}
     return data
 
@@ -421,12 +423,17 @@ def preview_examples(storage: Storage, tok: TokenizeOutputs, n: int, n_classes: 
 
 
 def run(ctx: StageContext) -> GPTOutputs:
+    return train_and_record(ctx, ctx.cfg)
+
+
+def train_and_record(ctx: StageContext, cfg: TrainTransformerConfig) -> GPTOutputs:
+    """Train (or continue) the GPT of config ``cfg`` in the stage folder; its outputs record."""
     from pipeline.train.launch import launch
 
-    data = data_spec(ctx)
+    data = data_spec(ctx, cfg)
     if not data["train"]:
         raise ValueError("tokenize produced no training codes")
-    checkpoint = launch(ctx, GPTTask, {"data": data})
+    checkpoint = launch(ctx, GPTTask, {"data": data}, cfg=cfg)
     ev = ctx.storage.read_json(join(ctx.uri, "eval.json"))
     images = [u for u in ctx.storage.walk_files(join(ctx.uri, "images")) if u.endswith(".png")]
     return GPTOutputs(
@@ -470,3 +477,63 @@ STAGE = Stage("train_transformer", TrainTransformerConfig, run,
               upstream=("shard", "train_vqgan", "tokenize"), version=1, is_complete=is_complete,
               report=report, outputs=GPTOutputs,
               help="GPT over code sequences, DeepSpeed ZeRO under Ray Train")
+
+
+# -- train_baseline_transformer: the same GPT without the condition maps --------------------------
+#
+# A run with condition maps judges its samples by how well they follow their maps (the sample
+# stage's edge F1); the figure means something beside the same figure for an unconditional model
+# of the same data (issue #16 part 5). This stage trains it: train_transformer's section with
+# `use_condition: false` and its own `steps`, on the same code shards (which it reads without
+# their condition codes). Off unless `train_baseline_transformer.enabled`; skipped in runs without
+# a condition VQGAN. Its fingerprint has train_transformer's (so its whole section) as upstream.
+
+BASELINE_NAME = "train_baseline_transformer"
+
+
+@dataclass
+class BaselineTransformerConfig:
+    """Config section ``train_baseline_transformer`` (README, "Conditional synthesis")."""
+
+    enabled: bool = False
+    steps: int = 300
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError("steps", f"must be >= 1, got {self.steps}")
+
+
+def baseline_skip_reason(root_cfg: Any) -> str | None:
+    from pipeline.data.conditions import no_encoder_reason
+
+    if not root_cfg.train_baseline_transformer.enabled:
+        return "train_baseline_transformer.enabled is false"
+    if not root_cfg.train_transformer.use_condition:
+        return "train_transformer.use_condition is false: that GPT is the baseline already"
+    return no_encoder_reason(root_cfg.shard.condition.kind)
+
+
+def baseline_config(root_cfg: Any) -> TrainTransformerConfig:
+    """train_transformer's config without the condition maps and with the baseline's steps."""
+    from dataclasses import replace
+
+    cfg = replace(root_cfg.train_transformer, use_condition=False,
+                  steps=root_cfg.train_baseline_transformer.steps)
+    cfg.validate()
+    return cfg
+
+
+def run_baseline(ctx: StageContext) -> GPTOutputs:
+    return train_and_record(ctx, baseline_config(ctx.root_cfg))
+
+
+def baseline_is_complete(outputs: GPTOutputs, cfg: BaselineTransformerConfig) -> bool:
+    return outputs.steps >= cfg.steps
+
+
+BASELINE_STAGE = Stage(
+    BASELINE_NAME, BaselineTransformerConfig, run_baseline,
+    upstream=("shard", "train_vqgan", "tokenize", "train_transformer"), version=1,
+    is_complete=baseline_is_complete, report=report, outputs=GPTOutputs,
+    skip_reason=baseline_skip_reason,
+    help="the GPT without condition maps (a baseline for the conditional one's samples)")

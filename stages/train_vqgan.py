@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 from pipeline.config import ConfigError, no_fingerprint
 from pipeline.dag import Stage, StageContext
-from pipeline.data.conditions import ConditionInput, parse_kind
+from pipeline.data.conditions import ConditionInput, no_encoder_reason
 from pipeline.fid import FIDConfig
 from pipeline.manifests import CondVQGANOutputs, Export, ShardOutputs, VQGANOutputs
 from pipeline.models.discriminator import DiscriminatorConfig
@@ -593,7 +593,6 @@ STAGE = Stage("train_vqgan", TrainVQGANConfig, run, upstream=("shard",), version
 
 
 COND_NAME = "train_cond_vqgan"
-COND_ENCODED = ("segmentation", "depth", "canny", "grayscale")  # kinds with a condition VQGAN
 
 
 @dataclass
@@ -620,13 +619,7 @@ class TrainCondVQGANConfig(TrainVQGANConfig):
 
 def cond_skip_reason(root_cfg: Any) -> str | None:
     """Why a run with this config has no condition VQGAN (None: it has one)."""
-    kind = root_cfg.shard.condition.kind
-    base, _ = parse_kind(kind)
-    if base == "none":
-        return "shard.condition.kind is none"
-    if base not in COND_ENCODED:
-        return f"shard.condition.kind {kind}: the image VQGAN encodes those maps"
-    return None
+    return no_encoder_reason(root_cfg.shard.condition.kind)
 
 
 def resolve_cond(cfg: TrainCondVQGANConfig, reader: ConditionInput) -> TrainCondVQGANConfig:

@@ -53,6 +53,7 @@ TINY = [*[o for o in TINY_VQGAN if not o.startswith(("train_vqgan.num_workers",
         "train_transformer.checkpoint_every=300", "train_transformer.log_every=50",
         "train_transformer.image_every=300", "train_transformer.eval_samples=200",
         "train_transformer.samples_per_class=1", "train_transformer.conditional=false",
+        "train_baseline_transformer.enabled=true", "train_baseline_transformer.steps=40",
         "sample.n=4", "sample.highres_n=1"]
 PIPE = Pipeline(STAGES)
 
@@ -177,11 +178,13 @@ def test_use_condition_false_trains_an_unconditional_gpt(run):
 
 
 def test_unconditional_runs_keep_fingerprints(tmp_path):
-    """tokenize's optional upstream leaves runs without conditions as they were: every
-    fingerprint equals the one of a pipeline built without the condition branch (which runs
-    tokenize as if it had no such upstream)."""
-    plain = Pipeline([s for s in STAGES if s.name != "train_cond_vqgan"])
+    """The optional upstreams (tokenize's train_cond_vqgan, sample's baseline) leave runs
+    without conditions as they were: every fingerprint equals the one of a pipeline built
+    without the condition branch (which runs those stages as if they had no such upstream)."""
+    branch = ("train_cond_vqgan", "train_baseline_transformer")
+    plain = Pipeline([s for s in STAGES if s.name not in branch])
     assert plain.stages["tokenize"].upstream == ("shard", "train_vqgan")
+    assert plain.stages["sample"].upstream == ("shard", "train_transformer")
     args = ["run=p", f"storage.root={tmp_path}", "tracking.mode=disabled"]
     full = {p.stage.name: p.fingerprint for p in Pipeline(STAGES).plan(
         load_config(None, args, Pipeline(STAGES).schema)) if not p.skipped}
@@ -242,10 +245,108 @@ def test_sample_stage_draws_for_val_maps(run):
 
     with Image.open(storage.open(cond["triplets_png"], "rb")) as img:  # 4 rows of 3 cells
         assert img.size == (4 * (3 * (RES + 2) + 2), 4 * (4 * (RES + 2) + 2))
+    assert cond["highres_maps"] == "the whole 32 px maps of the first 1 val samples"
     hr = out["highres"]
     assert hr["code_grid"] == [16, 16] and hr["image_size"] == [32, 32]
     with Image.open(storage.open(hr["files"][0], "rb")) as img:
         assert img.size == (32, 32)
+    # Edge F1 against the maps: of the samples, of the real images (the ceiling: their edges are
+    # the maps, up to the crop's border), of the unconditional baseline's samples, and chance.
+    f1 = cond["edge_f1"]
+    assert set(f1) == {"samples", "real_images", "other_maps", "unconditional_model", "sigma",
+                       "tolerance_px"}
+    assert all(0 <= f1[k]["f1"] <= 1 and f1[k]["images"] == 4
+               for k in ("samples", "real_images", "other_maps", "unconditional_model"))
+    assert f1["real_images"]["f1"] > max(0.8, f1["samples"]["f1"])
+    base = run["manifests"]["train_baseline_transformer"]
+    assert cond["baseline"] == base["uri"] and "condition" not in base["outputs"]
+    assert base["outputs"]["steps"] == 40
     meta = storage.read_json(f"{run['manifests']['sample']['uri']}/samples.json")
     assert meta["files"][0] == {"file": "sample-000.png", "class": None,
                                 "condition_of": "val sample 0"}
+
+
+def test_baseline_is_skipped_unless_enabled_with_maps(tmp_path):
+    from stages.sample import mosaics
+
+    plan = {p.stage.name: p.skipped for p in PIPE.plan(_cfg(
+        tmp_path, "train_baseline_transformer.enabled=false"))}
+    assert plan["train_baseline_transformer"] == "train_baseline_transformer.enabled is false"
+    plan = {p.stage.name: p.skipped for p in PIPE.plan(_cfg(tmp_path,
+                                                            "shard.condition.kind=none"))}
+    assert plan["train_baseline_transformer"] == "shard.condition.kind is none"
+    assert plan["train_cond_vqgan"] == "shard.condition.kind is none"
+    # 2x2 mosaics (the high-resolution maps when the shards are no larger than the crops)
+    maps = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 2, 2)
+    tiles = mosaics(maps)
+    assert tiles.shape == (2, 1, 4, 4)
+    assert tiles[0, 0, ::2, ::2].tolist() == [[0, 1], [2, 3]]
+    assert tiles[1, 0, 1::2, 1::2].tolist() == [[4, 5], [6, 7]]
+
+
+@pytest.fixture(scope="module")
+def lowres(tmp_path_factory):
+    """A super-resolution run: digits at 16 px conditioned on their 8 px versions."""
+    root = tmp_path_factory.mktemp("sr")
+    extra = ["shard.condition.kind=downsample:2", "shard.resolution=16",
+             "train_vqgan.steps=20", "train_vqgan.checkpoint_every=20",
+             "train_transformer.steps=40", "train_transformer.checkpoint_every=40",
+             "train_transformer.image_every=40", "train_baseline_transformer.enabled=false",
+             "sample.highres_n=1"]
+    cfg = _cfg(root, *extra)
+    return {"root": root, "manifests": PIPE.run(cfg, local=True)}
+
+
+def test_downsample_maps_are_encoded_by_the_image_vqgan(lowres, tmp_path):
+    """downsample:N needs no condition VQGAN: tokenize encodes the low-resolution image, enlarged
+    back (bicubic), with the image VQGAN, on the image's grid and codebook; the GPT reads those
+    codes; `sample --cond LOW.png` enlarges a user's small image N times."""
+    from PIL import Image
+
+    from pipeline.cli import main
+    from pipeline.data.conditions import COND, LowResInput
+    from pipeline.data.wds import iter_samples
+
+    storage = Storage()
+    m = lowres["manifests"]
+    assert "train_cond_vqgan" not in m
+    tok = TokenizeOutputs.from_dict(m["tokenize"]["outputs"])
+    c = tok.condition
+    assert c is not None and c.kind == "downsample:2"
+    assert (c.grid, c.n_embed) == (tok.grid, tok.n_embed) and c.vqgan == tok.vqgan
+    vq = _vqgan(storage, tok.vqgan)
+    shard = codes.load_code_shard(storage, codes.shard_specs(tok)[0])
+    image_shard = m["shard"]["outputs"]["shards"][0]["uri"]
+    maps, _ = next(loader.eval_batches(storage, [image_shard], 16, RES, reader=LowResInput(2)))
+    assert maps.shape == (16, 3, RES, RES)
+    with torch.inference_mode():
+        np.testing.assert_array_equal(shard.cond[:16], vq.encode(maps).indices.numpy())
+    exp = m["train_transformer"]["outputs"]["export"]
+    gpt = GPT.from_bytes(storage.read_text(exp["config"]), storage.read_bytes(exp["weights"]))
+    assert (gpt.config.cond_vocab_size, gpt.config.cond_length) == (tok.n_embed, 64)
+    out = m["sample"]["outputs"]
+    assert out["condition"]["kind"] == "downsample:2" and "edge_f1" not in out["condition"]
+    assert out["highres"]["image_size"] == [32, 32]  # a 2x2 mosaic of the val maps
+
+    small = np.asarray(Image.open(io.BytesIO(next(iter_samples(storage, image_shard))[COND])))
+    assert small.shape == (8, 8, 3)
+    big = np.concatenate([small, small], axis=1)  # 8x16 px: x2 gives a 16x32 image
+    Image.fromarray(big, "RGB").save(tmp_path / "low.png")
+    run_uri = m["train_transformer"]["uri"]
+    assert main(["sample", run_uri, "--cond", str(tmp_path / "low.png"), "--out",
+                 str(tmp_path / "sr"), "--n", "1", "--threads", "1"]) == 0
+    meta = storage.read_json(str(tmp_path / "sr" / "samples.json"))
+    assert meta["image_size"] == [16, 32] and meta["code_grid"] == [8, 16]
+
+
+def test_the_default_configs_fingerprints_are_pinned():
+    """The tiny demo's stage fingerprints as before the condition branch (part 3) existed: a new
+    option must not make every existing run redo its stages (use fingerprint_unless_default).
+    Change these only with a deliberate, noted reason."""
+    from tests.conftest import REPO
+
+    cfg = load_config(str(REPO / "configs" / "tiny.yaml"), [], PIPE.schema)
+    got = {p.stage.name: p.fingerprint[:12] for p in PIPE.plan(cfg) if not p.skipped}
+    assert got == {"shard": "bb74e277c49c", "train_vqgan": "c283b53558a6",
+                   "tokenize": "e968193576d9", "train_transformer": "ac006b020bec",
+                   "sample": "d21e5cd4e176"}

@@ -34,3 +34,26 @@ def test_grids():
     pg = pairs_grid(torch.zeros(3, 3, 4, 4), torch.ones(3, 3, 4, 4), cols=3)
     assert pg.shape == (4 + 4, 3 * (8 + 2) + 2, 3)
     assert math.isclose(pg[2:6, 2:6].mean(), 128, abs_tol=1) and pg[2:6, 6:10].min() == 255
+
+
+def test_edge_f1_of_real_photos_their_shifts_and_noise():
+    """A photo against its own Canny map scores 1; shifted by 1 px (inside the tolerance) it
+    still matches; shifted by 4 px, another photo, noise and a flat image do not."""
+    from pipeline.data.conditions import canny_edges
+    from pipeline.data.loader import to_tensor
+    from pipeline.metrics import edge_f1
+    from tests.condition_fixtures import photo
+
+    names = ("astronaut", "chelsea", "coffee")
+    x = torch.stack([to_tensor(np.asarray(photo(n, 96, 96))) for n in names])
+    maps = torch.stack([torch.from_numpy(canny_edges(np.asarray(photo(n, 96, 96).convert("L")),
+                                                     2.0)).float()[None] / 127.5 - 1
+                        for n in names])
+    own = edge_f1(maps, x, 2.0)
+    assert own["f1"] > 0.95 and own["images"] == 3  # 1.0: the luma matches PIL's
+    assert edge_f1(maps, x.roll(1, 3), 2.0)["f1"] > 0.9  # 0.96
+    assert edge_f1(maps, x.roll(4, 3), 2.0)["f1"] < 0.6  # 0.40
+    assert edge_f1(maps, x.roll(1, 0), 2.0)["f1"] < 0.6  # another photo's map: 0.39
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert edge_f1(maps, noise, 2.0)["f1"] < 0.5  # 0.26
+    assert edge_f1(maps, torch.zeros_like(x), 2.0)["f1"] == 0.0  # a flat image has no edges

@@ -78,6 +78,20 @@ class ConditionRejected(Exception):
         super().__init__(f"{reason}: {detail}")
 
 
+ENCODED = ("segmentation", "depth", "canny", "grayscale")  # kinds with a condition VQGAN
+
+
+def no_encoder_reason(kind: str) -> str | None:
+    """Why a run whose ``shard.condition.kind`` is ``kind`` has no condition VQGAN (None: it
+    has one): no condition, or a low-resolution image that the image VQGAN itself encodes."""
+    base, _ = parse_kind(kind)
+    if base == NONE:
+        return "shard.condition.kind is none"
+    if base not in ENCODED:
+        return f"shard.condition.kind {kind}: the image VQGAN encodes those maps"
+    return None
+
+
 def parse_kind(kind: str) -> tuple[str, int]:
     """``shard.condition.kind`` → (base kind, downsample factor; 1 for other kinds).
 
@@ -417,6 +431,47 @@ class ConditionInput:
         return x.float().clamp(-1.0, 1.0).expand(-1, 3, -1, -1)
 
 
+@dataclass(frozen=True)
+class LowResInput:
+    """How a ``downsample:N`` condition (super-resolution) is encoded: by the image VQGAN
+    itself, from the low-resolution image enlarged back to the image's size (bicubic), so its
+    codes share the image's grid and codebook. ``array`` gives the stored HWC map in [-1, 1] at
+    1/N of the image's size: crop it at ``size // scale`` (``scale`` = N) where the image is
+    cropped at ``size``; ``tensor`` enlarges a crop to the model input [3, N·h, N·w]."""
+
+    factor: int
+
+    kind: str = "downsample"
+    channels: int = 3
+
+    @property
+    def scale(self) -> int:
+        return self.factor
+
+    def array(self, sample: dict[str, Any]) -> np.ndarray:
+        if COND not in sample:
+            raise KeyError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no "
+                           f"condition ({COND}); was it sharded with shard.condition?")
+        return condition_array(sample[COND], self.kind + f":{self.factor}").transpose(1, 2, 0)
+
+    def tensor(self, hwc: np.ndarray) -> torch.Tensor:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(hwc, dtype=np.float32)).permute(2, 0, 1)
+        big = torch.nn.functional.interpolate(x[None], scale_factor=self.factor, mode="bicubic",
+                                              align_corners=False)
+        return big[0].clamp(-1.0, 1.0)
+
+    def preview(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().clamp(-1.0, 1.0)
+
+
+def condition_input(kind: str, classes: int = 0) -> ConditionInput | LowResInput:
+    """The reader of a condition of ``kind`` (a base kind, or ``downsample:N``)."""
+    base, factor = parse_kind(kind)
+    return LowResInput(factor) if base == "downsample" else ConditionInput(base, classes)
+
+
 def palette(classes: int) -> torch.Tensor:
     """``[classes, 3]`` RGB in [-1, 1]: well-separated hues (golden-ratio steps), the same for
     every run, so a class has one colour in every grid and report."""
@@ -429,7 +484,8 @@ def palette(classes: int) -> torch.Tensor:
 
 
 __all__ = ["COND", "CONDITION_KIND_MISMATCH", "CONDITION_MISSING", "CONDITION_REASONS",
-           "CONDITION_SIZE_MISMATCH", "CONDITION_UNREADABLE", "ConditionInput", "ConditionRejected",
-           "ConditionSpec", "condition_array", "condition_index", "condition_tensor",
-           "derived_condition", "given_condition", "pair_folder", "palette", "parse_kind",
-           "sizes_match", "split_unpaired"]
+           "CONDITION_SIZE_MISMATCH", "CONDITION_UNREADABLE", "ENCODED", "ConditionInput",
+           "ConditionRejected", "ConditionSpec", "LowResInput", "condition_array",
+           "condition_index", "condition_input", "condition_tensor",
+           "derived_condition", "given_condition", "no_encoder_reason", "pair_folder", "palette",
+           "parse_kind", "sizes_match", "split_unpaired"]

@@ -265,6 +265,15 @@ class ImageInput:
 IMAGES = ImageInput()
 
 
+def crop_size(reader: Any, size: int) -> int:
+    """The side at which ``reader``'s arrays are cropped when the images are cropped at
+    ``size``: smaller for low-resolution maps (a reader's ``scale``, e.g. ``downsample:4``)."""
+    scale = getattr(reader, "scale", 1)
+    if size % scale:
+        raise ValueError(f"a {size} px crop is not a multiple of the condition's factor {scale}")
+    return size // scale
+
+
 def image_batches(storage: Storage, spec: StreamSpec, batch_size: int, size: int,
                   position: Position | None = None, random_flip: bool = True,
                   random_crop: bool = True,
@@ -285,7 +294,8 @@ def image_batches(storage: Storage, spec: StreamSpec, batch_size: int, size: int
     for sample, key in samples:
         rng = np.random.default_rng(derive(spec.seed, "augment", *key))
         img = reader.array(sample)
-        img = augment(img, size, rng, flip=random_flip, random_crop=random_crop)
+        img = augment(img, crop_size(reader, size), rng, flip=random_flip,
+                      random_crop=random_crop)
         if transform is not None:
             img = transform(img)
         images.append(reader.tensor(img))
@@ -305,8 +315,8 @@ def eval_batches(storage: Storage, shards: list[str], batch_size: int, size: int
         for sample in iter_samples(storage, uri):
             if limit is not None and seen >= limit:
                 break
-            img = augment(reader.array(sample), size, np.random.default_rng(0),
-                          flip=False, random_crop=False)
+            img = augment(reader.array(sample), crop_size(reader, size),
+                          np.random.default_rng(0), flip=False, random_crop=False)
             images.append(reader.tensor(img))
             labels.append(label_of(sample))
             seen += 1
