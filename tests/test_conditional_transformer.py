@@ -350,3 +350,33 @@ def test_the_default_configs_fingerprints_are_pinned():
     assert got == {"shard": "bb74e277c49c", "train_vqgan": "c283b53558a6",
                    "tokenize": "e968193576d9", "train_transformer": "ac006b020bec",
                    "sample": "d21e5cd4e176"}
+
+
+def test_tokenize_with_conditions_resumes_byte_identical(run, monkeypatch):
+    """Killed after 3 code shards and rerun, tokenize ends with the same bytes (condition codes
+    included) and reuses what was finalized; nothing downstream sees a change."""
+    from pipeline import faults
+    from pipeline.dag import StageFailed
+
+    storage = Storage()
+    m = run["manifests"]["tokenize"]
+    before = {s["name"]: s["sha256"] for s in m["outputs"]["shards"]}
+    monkeypatch.setenv(faults.ENV, "tokenize:3")
+    with pytest.raises(StageFailed, match=faults.ENV):
+        PIPE.run(run["cfg"], local=True, only=["tokenize"], force=["tokenize"])
+    monkeypatch.delenv(faults.ENV)
+    again = PIPE.run(run["cfg"], local=True, only=["tokenize"])["tokenize"]
+    assert again["fingerprint"] == m["fingerprint"]
+    assert again["outputs"]["shards_reused"] == 3
+    assert {s["name"]: s["sha256"] for s in again["outputs"]["shards"]} == before
+    assert again["outputs"]["condition"] == m["outputs"]["condition"]
+    for s in again["outputs"]["shards"]:
+        assert storage.size(s["uri"]) == s["bytes"]
+
+
+def test_every_stage_record_reproduces_its_manifest(run):
+    """The condition branch's records (CondVQGANOutputs, tokenize's CondCodes, the GPTs' and
+    sample's condition) read back exactly what was written."""
+    for stage in PIPE.stages.values():
+        manifest = run["manifests"][stage.name]
+        assert stage.parse_outputs(manifest).to_dict() == manifest["outputs"], stage.name
