@@ -292,7 +292,7 @@ class VQGANTask:
             # every rank: all ranks start from the same weights.
             got = init_vqgan(spec.storage, cfg.init_from, model, disc)
             if ctx.is_main:
-                log.info("[train_vqgan] %s", describe(got, with_disc=True))
+                log.info("[%s] %s", spec.stage, describe(got, with_disc=True))
         model, disc = model.to(device), disc.to(device)
         self.lpips = None
         if cfg.loss.perceptual_weight > 0:
@@ -394,7 +394,7 @@ def export(module: Any, cfg: TrainVQGANConfig, lpips: Any, storage: Storage, uri
 
 
 def export_pretrained(cfg: TrainVQGANConfig, storage: Storage, uri: str, seed: int,
-                      shards: list[str], reader: Any = None) -> str:
+                      shards: list[str], reader: Any = None, stage: str = "train_vqgan") -> str:
     """Pretrained mode (``steps: 0``): the ``init_from`` VQGAN, not trained further, exported
     and evaluated on ``shards`` (val, else train) as a training run's end would (``export/``,
     ``eval.json`` at step 0), plus one input | reconstruction grid, whose URI it returns. One
@@ -412,7 +412,7 @@ def export_pretrained(cfg: TrainVQGANConfig, storage: Storage, uri: str, seed: i
     device = torch.device("cuda" if cfg.use_gpu else "cpu")
     model = VQGAN(cfg.model)
     got = init_vqgan(storage, cfg.init_from, model, None)
-    log.info("[train_vqgan] steps 0, no training: %s", describe(got, with_disc=False))
+    log.info("[%s] steps 0, no training: %s", stage, describe(got, with_disc=False))
     model = model.to(device)
     lpips = None
     if cfg.loss.perceptual_weight > 0:  # as in training: LPIPS is evaluated when it is a loss
@@ -434,7 +434,7 @@ def run_pretrained(ctx: StageContext, shards: list[str], reader: Any = None,
     from PIL import Image
 
     cfg = cfg or ctx.cfg
-    call = (cfg, ctx.storage, ctx.uri, int(ctx.root_cfg.seed), shards, reader)
+    call = (cfg, ctx.storage, ctx.uri, int(ctx.root_cfg.seed), shards, reader, ctx.name)
     if ctx.local:
         from pipeline.ray_tasks import require_one_process
 
