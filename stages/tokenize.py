@@ -614,8 +614,7 @@ def run(ctx: StageContext) -> TokenizeOutputs:
     if ctx.has_input("train_cond_vqgan"):
         cond_export, cond_options = condition_encoder(ctx, resolution)
     elif shard.condition is not None and shard.condition.kind == "downsample":
-        cond_export, cond_options = lowres_encoder(export, shard.condition.factor, grid,
-                                                   codes.code_dtype(n_embed).name)
+        cond_export, cond_options = lowres_encoder(export, shard.condition.factor, grid)
     opts = Options(resolution=resolution, grid=grid, n_embed=n_embed,
                    dtype=codes.code_dtype(n_embed).name, flip=cfg.store_flipped,
                    batch_size=cfg.batch_size, vqgan_sha256=export.weights_sha256,
@@ -660,24 +659,26 @@ def condition_encoder(ctx: StageContext, resolution: int) -> tuple[ExportInfo, C
     if resolution % factor:
         raise ConfigError("tokenize.resolution", f"{resolution} must be a multiple of the "
                                                  f"condition VQGAN's downsampling factor {factor}")
-    n_embed = int(export.model["n_embed"])
     side = resolution // factor
-    return export, CondOptions(kind=cond.condition["kind"],
-                               classes=int(cond.condition.get("classes") or 0),
-                               grid=(side, side), n_embed=n_embed,
-                               dtype=codes.code_dtype(n_embed).name,
-                               vqgan_sha256=export.weights_sha256)
+    return export, cond_options(export, cond.condition["kind"],
+                                int(cond.condition.get("classes") or 0), (side, side))
 
 
-def lowres_encoder(export: ExportInfo, factor: int | None, grid: tuple[int, int],
-                   dtype: str) -> tuple[ExportInfo, CondOptions]:
+def lowres_encoder(export: ExportInfo, factor: int | None, grid: tuple[int, int]
+                   ) -> tuple[ExportInfo, CondOptions]:
     """The image VQGAN as the encoder of ``downsample:N`` maps (super-resolution): they are
     enlarged back to the crop's size and encoded on the image's grid, in its codebook."""
     if not factor:
         raise ValueError("the shard manifest's downsample condition records no factor")
+    return export, cond_options(export, f"downsample:{factor}", 0, grid)
+
+
+def cond_options(export: ExportInfo, kind: str, classes: int, grid: tuple[int, int]
+                 ) -> CondOptions:
+    """How maps of ``kind`` are encoded by ``export`` onto a ``grid`` of its codes."""
     n_embed = int(export.model["n_embed"])
-    return export, CondOptions(kind=f"downsample:{factor}", classes=0, grid=grid,
-                               n_embed=n_embed, dtype=dtype, vqgan_sha256=export.weights_sha256)
+    return CondOptions(kind=kind, classes=classes, grid=grid, n_embed=n_embed,
+                       dtype=codes.code_dtype(n_embed).name, vqgan_sha256=export.weights_sha256)
 
 
 def export_ref(export: ExportInfo) -> ExportRef:

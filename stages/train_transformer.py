@@ -262,11 +262,11 @@ class GPTTask:
         cfg, spec, data = self.cfg, self.spec, self.data
         stream = stream_spec(data["train"], self.ctx.rank, self.ctx.world, spec.seed,
                              cfg.shuffle_buffer, cfg.data_streams, position)
-        with_map = bool(data.get("cond"))
         for codes, labels, cond, pos in code_batches(spec.storage, stream, cfg.micro_batch,
                                                      data["length"], position=position,
-                                                     flip=cfg.use_flipped):
-            yield (codes, labels, cond if with_map else None), pos
+                                                     flip=cfg.use_flipped,
+                                                     with_cond=bool(data.get("cond"))):
+            yield (codes, labels, cond), pos
 
     def step(self, batch: Any, step: int, micro: int) -> dict[str, Any]:
         import torch

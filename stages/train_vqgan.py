@@ -459,7 +459,6 @@ def run_pretrained(ctx: StageContext, shards: list[str], reader: Any = None,
 
 
 def run(ctx: StageContext) -> VQGANOutputs:
-
     cfg: TrainVQGANConfig = ctx.cfg
     shard: ShardOutputs = ctx.input("shard")
     train, val = shard.uris("train"), shard.uris("val")
@@ -636,7 +635,6 @@ def resolve_cond(cfg: TrainCondVQGANConfig, reader: ConditionInput) -> TrainCond
 
 
 def run_cond(ctx: StageContext) -> CondVQGANOutputs:
-
     shard: ShardOutputs = ctx.input("shard")
     if shard.condition is None:  # skip_reason keeps such runs away; a stale manifest may not
         raise ValueError("the shard stage stored no condition maps (shard.condition.kind none)")

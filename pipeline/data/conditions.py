@@ -375,6 +375,14 @@ def condition_tensor(data: bytes, kind: str) -> torch.Tensor:
 # -- the condition VQGAN's input (train_cond_vqgan, tokenize) ---------------------------------
 
 
+def stored_condition(sample: dict[str, Any]) -> bytes:
+    """A shard sample's ``{key}.cond.png`` bytes; KeyError naming the sample without one."""
+    if COND not in sample:
+        raise KeyError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no "
+                       f"condition ({COND}); was it sharded with shard.condition?")
+    return sample[COND]
+
+
 @dataclass(frozen=True)
 class ConditionInput:
     """How the condition VQGAN reads a stored condition: ``array`` gives the HWC map that
@@ -402,10 +410,7 @@ class ConditionInput:
     def array(self, sample: dict[str, Any]) -> np.ndarray:
         """A shard sample's condition as HWC (int64 ids ``[H, W, 1]`` or float32 ``[H, W, 1]``
         in [0, 1]); KeyError naming the sample when it holds none."""
-        if COND not in sample:
-            raise KeyError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no "
-                           f"condition ({COND}); was it sharded with shard.condition?")
-        arr = condition_array(sample[COND], self.kind)
+        arr = condition_array(stored_condition(sample), self.kind)
         return arr[..., None] if arr.ndim == 2 else arr.transpose(1, 2, 0)
 
     def tensor(self, hwc: np.ndarray) -> torch.Tensor:
@@ -449,10 +454,8 @@ class LowResInput:
         return self.factor
 
     def array(self, sample: dict[str, Any]) -> np.ndarray:
-        if COND not in sample:
-            raise KeyError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no "
-                           f"condition ({COND}); was it sharded with shard.condition?")
-        return condition_array(sample[COND], self.kind + f":{self.factor}").transpose(1, 2, 0)
+        data = stored_condition(sample)
+        return condition_array(data, f"{self.kind}:{self.factor}").transpose(1, 2, 0)
 
     def tensor(self, hwc: np.ndarray) -> torch.Tensor:
         import torch

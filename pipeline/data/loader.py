@@ -328,12 +328,12 @@ def eval_batches(storage: Storage, shards: list[str], batch_size: int, size: int
 
 
 def code_batches(storage: Storage, spec: StreamSpec, batch_size: int, length: int,
-                 position: Position | None = None, flip: bool = True,
+                 position: Position | None = None, flip: bool = True, with_cond: bool = True,
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Position]]:
     """Endless ``(codes [B, length] long, labels [B] (NO_LABEL: unlabelled), cond, position)``
     batches from tokenize's code shards (``{key}.codes.npy``, optional ``{key}.flip.npy``,
     ``{key}.cls``). ``cond``: the condition maps' codes [B, hc*wc] long (``{key}.cond.npy``) in
-    runs with conditions, else None.
+    runs with conditions and ``with_cond``, else None (not parsed).
 
     With ``flip`` and a stored flipped grid, each sample uses one of the two grids at random
     (seeded by its place in the stream, so a resumed stream is identical); its condition codes
@@ -355,7 +355,7 @@ def code_batches(storage: Storage, spec: StreamSpec, batch_size: int, length: in
                              f"{flat.numel()} codes, expected {length}")
         codes.append(flat)
         labels.append(label_of(sample))
-        if COND in sample:
+        if with_cond and COND in sample:
             member = COND_FLIP if flipped else COND
             if member not in sample:
                 raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} "

@@ -413,14 +413,13 @@ class GPT(Exportable, nn.Module):
         if drop_cond:
             drop = draws.drop.to(codes.device) < c.cond_drop
             cond = torch.where(drop, torch.full_like(cond, c.start_token), cond)
-        if c.cond_length == 0:
-            if cond_codes is not None:
-                raise ValueError("cond_codes: this model has no condition map (cond_length 0)")
-            return torch.cat([cond, inputs], dim=1), codes
-        # The class token went through cond_drop above; the map's codes are never dropped.
-        prefix = self.prefix_tokens(None, b, cond_codes)[:, 1:].to(codes.device)
-        ignore = torch.full((b, c.cond_length), -100, dtype=torch.long, device=codes.device)
-        return torch.cat([cond, prefix, inputs], dim=1), torch.cat([ignore, codes], dim=1)
+        # The map's codes ([B, 0] without a map; checked there) are never dropped: cond_drop
+        # acts on the class token alone.
+        maps = self.prefix_tokens(None, b, cond_codes)[:, 1:].to(codes.device)
+        if c.cond_length:
+            ignore = torch.full((b, c.cond_length), -100, dtype=torch.long, device=codes.device)
+            codes = torch.cat([ignore, codes], dim=1)
+        return torch.cat([cond, maps, inputs], dim=1), codes
 
     def loss(
         self, codes: Tensor, labels: Tensor | None = None,
