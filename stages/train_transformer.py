@@ -486,7 +486,7 @@ STAGE = Stage("train_transformer", TrainTransformerConfig, run,
 # of the same data (issue #16 part 5). This stage trains it: train_transformer's section with
 # `use_condition: false` and its own `steps`, on the same code shards (which it reads without
 # their condition codes). Off unless `train_baseline_transformer.enabled`; skipped in runs without
-# a condition VQGAN. Its fingerprint has train_transformer's (so its whole section) as upstream.
+# conditions. Its fingerprint has train_transformer's (so its whole section) as upstream.
 
 BASELINE_NAME = "train_baseline_transformer"
 
@@ -504,13 +504,18 @@ class BaselineTransformerConfig:
 
 
 def baseline_skip_reason(root_cfg: Any) -> str | None:
-    from pipeline.data.conditions import no_encoder_reason
+    """Why the run trains no baseline: not asked for, no condition maps at all (every kind but
+    none gives the GPT condition codes: downsample:N through the image VQGAN), or the GPT is
+    unconditional itself."""
+    from pipeline.data.conditions import NONE
 
     if not root_cfg.train_baseline_transformer.enabled:
         return "train_baseline_transformer.enabled is false"
     if not root_cfg.train_transformer.use_condition:
         return "train_transformer.use_condition is false: that GPT is the baseline already"
-    return no_encoder_reason(root_cfg.shard.condition.kind)
+    if root_cfg.shard.condition.kind == NONE:
+        return "shard.condition.kind is none"
+    return None
 
 
 def baseline_config(root_cfg: Any) -> TrainTransformerConfig:

@@ -276,6 +276,10 @@ def test_baseline_is_skipped_unless_enabled_with_maps(tmp_path):
                                                             "shard.condition.kind=none"))}
     assert plan["train_baseline_transformer"] == "shard.condition.kind is none"
     assert plan["train_cond_vqgan"] == "shard.condition.kind is none"
+    plan = {p.stage.name: p.skipped for p in PIPE.plan(_cfg(tmp_path,
+                                                            "shard.condition.kind=downsample:2"))}
+    assert plan["train_baseline_transformer"] is None  # the GPT reads the low-res codes
+    assert plan["train_cond_vqgan"].endswith("the image VQGAN encodes those maps")
     # 2x2 mosaics (the high-resolution maps when the shards are no larger than the crops)
     maps = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 2, 2)
     tiles = mosaics(maps)
